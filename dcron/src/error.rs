@@ -1,0 +1,97 @@
+//! The one error type of the crate.
+
+use std::time::Duration;
+
+/// A boxed error from a registry client library, kept as the `source`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in dcron. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A task of that name is already defined.
+    #[error("task `{0}` already exists; use a force_* call to overwrite it")]
+    TaskExists(String),
+    /// The task carries a tombstone.
+    #[error("task `{0}` is marked deleted; call reuse_deleted_task or a force_* call to add it again")]
+    TaskDeleted(String),
+    /// The cron expression (or its time zone) could not be parsed.
+    #[error("invalid cron expression `{expr}`: {reason}")]
+    InvalidCron {
+        /// The expression as given.
+        expr: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Task names are 1–200 characters of `[A-Za-z0-9._:@-]`.
+    #[error("invalid task name `{name}`: {reason}; use 1-200 characters of A-Z a-z 0-9 . _ : @ -")]
+    InvalidTaskName {
+        /// The name as given.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The dynamic task payload is above the configured limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes; store large data elsewhere and pass a reference")]
+    PayloadTooLarge {
+        /// Payload size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// `start` was called on a running node.
+    #[error("the node is already running; call stop first")]
+    AlreadyRunning,
+    /// The call needs a started node.
+    #[error("the node is not running; call start first")]
+    NotRunning,
+    /// An option has a value that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The registry failed; `source` has the backend's cause.
+    #[error("{backend} registry: {context}")]
+    Registry {
+        /// Which backend (`memory`, `redis`, `etcd`, `zookeeper`, `consul`).
+        backend: &'static str,
+        /// What dcron was doing.
+        context: String,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {after:?} while {what}; check that the registry is reachable")]
+    Timeout {
+        /// What was being waited for.
+        what: String,
+        /// The bound that was exceeded.
+        after: Duration,
+    },
+}
+
+impl Error {
+    /// A registry failure with the backend's error as its source.
+    pub fn registry(
+        backend: &'static str,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Registry {
+            backend,
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A registry failure without an underlying library error.
+    pub fn registry_msg(backend: &'static str, context: impl Into<String>) -> Self {
+        Error::Registry {
+            backend,
+            context: context.into(),
+            source: None,
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,68 @@
+//! Cluster members as stored in the registry.
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle of a node: `starting` → `working` → `leaving` → gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Registered, loading state; owns no tasks yet.
+    Starting,
+    /// Owns and fires tasks.
+    Working,
+    /// Stopping: others take over its tasks at once.
+    Leaving,
+}
+
+impl NodeStatus {
+    /// Lower-case name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Starting => "starting",
+            NodeStatus::Working => "working",
+            NodeStatus::Leaving => "leaving",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One member of the cluster, as published in the registry.
+///
+/// Times are milliseconds since the Unix epoch. `last_alive` is the
+/// registry's own knowledge of the node's last liveness signal where the
+/// backend has one (otherwise the last write of the record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique id of the node (default: a UUID).
+    pub id: String,
+    /// Address other operators can reach the node at (informational).
+    pub ip: String,
+    /// Host name (informational).
+    pub hostname: String,
+    /// Last liveness signal, epoch ms.
+    pub last_alive: i64,
+    /// When the node registered, epoch ms.
+    pub create_time: i64,
+    /// Lifecycle state.
+    pub status: NodeStatus,
+    /// Relative capacity for the `Weighted` strategy; 0 counts as 1.
+    pub weight: u32,
+    /// Names of the static tasks this node defines, sorted. Only nodes that
+    /// define a static task may own it.
+    #[serde(default)]
+    pub static_tasks: Vec<String>,
+}
+
+impl Node {
+    /// Whether this node defines the static task `name`.
+    pub fn defines(&self, name: &str) -> bool {
+        self.static_tasks
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_ok()
+    }
+}

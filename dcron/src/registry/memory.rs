@@ -1,0 +1,492 @@
+//! The in-process registry: zero set-up, shared by the nodes of one process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use super::codec;
+use super::{Claim, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::task::TaskMeta;
+
+const BACKEND: &str = "memory";
+
+/// Which stored collection a raw write targets (fault injection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawKind {
+    /// Node records.
+    Node,
+    /// Dynamic task definitions.
+    Task,
+    /// Tombstones.
+    Tombstone,
+    /// Claim watermarks.
+    Claim,
+}
+
+/// An in-process registry with the semantics of the real ones: node entries
+/// expire after their TTL (on tokio's clock, so paused-time tests work),
+/// watches deliver events, claims are atomic. Clones share the same data, so
+/// several nodes in one process form a cluster.
+///
+/// It also injects faults for tests: failing calls, dropped watch events,
+/// instant node expiry, and raw (corrupt) values.
+///
+/// ```
+/// let registry = dcron::MemoryRegistry::new();
+/// let same_cluster = registry.clone();
+/// # drop(same_cluster);
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryRegistry {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    fail_next: AtomicUsize,
+    drop_events: AtomicUsize,
+    reaper_started: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    spaces: HashMap<String, Space>,
+}
+
+struct Space {
+    nodes: BTreeMap<String, NodeSlot>,
+    tasks: BTreeMap<String, Vec<u8>>,
+    tombstones: BTreeMap<String, Vec<u8>>,
+    claims: HashMap<String, ClaimSlot>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+struct NodeSlot {
+    raw: Vec<u8>,
+    expires: Instant,
+}
+
+enum ClaimSlot {
+    Valid {
+        fire_time: i64,
+        node: Arc<str>,
+        claimed_at: i64,
+    },
+    Corrupt(Vec<u8>),
+}
+
+impl Default for Space {
+    fn default() -> Self {
+        Space {
+            nodes: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            claims: HashMap::new(),
+            events: broadcast::channel(WATCH_CHANNEL_CAPACITY).0,
+        }
+    }
+}
+
+impl MemoryRegistry {
+    /// A new, empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next `n` calls fail with a registry error.
+    pub fn fail_next_calls(&self, n: usize) {
+        self.shared.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Drops the next `n` watch events (as a lossy feed would).
+    pub fn drop_next_events(&self, n: usize) {
+        self.shared.drop_events.store(n, Ordering::SeqCst);
+    }
+
+    /// Expires node `id` of `ns` now, as if its TTL had run out.
+    pub fn expire_node(&self, ns: &str, id: &str) {
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        if space.nodes.remove(id).is_some() {
+            self.shared
+                .publish(space, WatchEvent::NodeDelete(id.to_string()));
+        }
+    }
+
+    /// Stores `raw` as-is, as another program might (corrupt data tests).
+    /// Node entries written this way live for one hour.
+    pub fn write_raw(&self, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        let raw = raw.to_vec();
+        match kind {
+            RawKind::Node => {
+                let expires = Instant::now() + Duration::from_secs(3600);
+                space.nodes.insert(name.to_string(), NodeSlot { raw, expires });
+            }
+            RawKind::Task => {
+                space.tasks.insert(name.to_string(), raw);
+            }
+            RawKind::Tombstone => {
+                space.tombstones.insert(name.to_string(), raw);
+            }
+            RawKind::Claim => {
+                space
+                    .claims
+                    .insert(name.to_string(), ClaimSlot::Corrupt(raw));
+            }
+        }
+    }
+
+    fn start_reaper(&self) {
+        if self.shared.reaper_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(reap(weak));
+    }
+}
+
+/// Expires nodes in the background so watchers see `NodeDelete` promptly;
+/// reads expire lazily too, so this only affects event latency.
+async fn reap(weak: Weak<Shared>) {
+    // Bounded sleep: a registration with a shorter TTL may arrive meanwhile.
+    const MAX_SLEEP: Duration = Duration::from_millis(200);
+    loop {
+        let next = {
+            let Some(shared) = weak.upgrade() else { return };
+            let mut state = shared.lock();
+            let now = Instant::now();
+            let mut next = now + MAX_SLEEP;
+            for space in state.spaces.values_mut() {
+                shared.expire_due(space, now);
+                if let Some(e) = space.nodes.values().map(|n| n.expires).min() {
+                    next = next.min(e);
+                }
+            }
+            next
+        };
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the maps half-updated
+        // (every mutation is a single insert/remove), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fault(&self) -> Result<()> {
+        let taken = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match taken {
+            Ok(_) => Err(Error::registry_msg(BACKEND, "injected failure")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn publish(&self, space: &Space, event: WatchEvent) {
+        let dropped = self
+            .drop_events
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if dropped.is_err() {
+            // No receivers is fine: nobody watches yet.
+            let _ = space.events.send(event);
+        }
+    }
+
+    fn expire_due(&self, space: &mut Space, now: Instant) {
+        let expired: Vec<String> = space
+            .nodes
+            .iter()
+            .filter(|(_, slot)| slot.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            space.nodes.remove(&id);
+            self.publish(space, WatchEvent::NodeDelete(id));
+        }
+    }
+}
+
+impl State {
+    fn space(&mut self, ns: &str) -> &mut Space {
+        if !self.spaces.contains_key(ns) {
+            self.spaces.insert(ns.to_string(), Space::default());
+        }
+        // Just inserted if it was missing.
+        self.spaces.get_mut(ns).expect("namespace present")
+    }
+}
+
+impl Space {
+    fn try_claim(&mut self, task: &str, fire_time: i64, node: &Arc<str>, claimed_at: i64) -> bool {
+        let new = || ClaimSlot::Valid {
+            fire_time,
+            node: node.clone(),
+            claimed_at,
+        };
+        match self.claims.get_mut(task) {
+            Some(slot) => {
+                let older = match slot {
+                    ClaimSlot::Valid { fire_time: f, .. } => *f < fire_time,
+                    ClaimSlot::Corrupt(_) => true,
+                };
+                if older {
+                    *slot = new();
+                }
+                older
+            }
+            None => {
+                self.claims.insert(task.to_string(), new());
+                true
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            node_ttl: Duration::from_secs(3),
+            heartbeat: Duration::from_millis(500),
+            reload: Duration::from_secs(5),
+        }
+    }
+
+    async fn register(&self, ns: &str, node: &Node, ttl: Duration) -> Result<()> {
+        self.shared.fault()?;
+        self.start_reaper();
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        let slot = NodeSlot {
+            raw: codec::encode(node),
+            expires: Instant::now() + ttl,
+        };
+        space.nodes.insert(node.id.clone(), slot);
+        self.shared.publish(space, WatchEvent::NodePut(node.clone()));
+        Ok(())
+    }
+
+    async fn heartbeat(&self, ns: &str, node_id: &str, ttl: Duration) -> Result<bool> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        let now = Instant::now();
+        self.shared.expire_due(space, now);
+        Ok(match space.nodes.get_mut(node_id) {
+            Some(slot) => {
+                slot.expires = now + ttl;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn update_node(&self, ns: &str, node: &Node) -> Result<bool> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        self.shared.expire_due(space, Instant::now());
+        let Some(slot) = space.nodes.get_mut(&node.id) else {
+            return Ok(false);
+        };
+        slot.raw = codec::encode(node);
+        self.shared.publish(space, WatchEvent::NodePut(node.clone()));
+        Ok(true)
+    }
+
+    async fn unregister(&self, ns: &str, node_id: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        if space.nodes.remove(node_id).is_some() {
+            self.shared
+                .publish(space, WatchEvent::NodeDelete(node_id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self, ns: &str) -> Result<Vec<Node>> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        self.shared.expire_due(space, Instant::now());
+        Ok(space
+            .nodes
+            .iter()
+            .filter_map(|(id, slot)| codec::decode_node(BACKEND, id, &slot.raw))
+            .collect())
+    }
+
+    async fn put_task(&self, ns: &str, meta: &TaskMeta, overwrite: bool) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        if !overwrite && space.tasks.contains_key(&meta.name) {
+            return Err(Error::TaskExists(meta.name.clone()));
+        }
+        space.tasks.insert(meta.name.clone(), codec::encode(meta));
+        self.shared.publish(space, WatchEvent::TaskPut(meta.clone()));
+        Ok(())
+    }
+
+    async fn delete_task(&self, ns: &str, name: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        if space.tasks.remove(name).is_some() {
+            self.shared
+                .publish(space, WatchEvent::TaskDelete(name.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn tasks(&self, ns: &str) -> Result<Vec<TaskMeta>> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        Ok(state
+            .space(ns)
+            .tasks
+            .iter()
+            .filter_map(|(name, raw)| codec::decode_task(BACKEND, name, raw))
+            .collect())
+    }
+
+    async fn put_tombstone(&self, ns: &str, name: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        let value = codec::encode(&serde_json::json!({ "deleted": true }));
+        if space.tombstones.insert(name.to_string(), value).is_none() {
+            self.shared
+                .publish(space, WatchEvent::TombstonePut(name.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn delete_tombstone(&self, ns: &str, name: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        if space.tombstones.remove(name).is_some() {
+            self.shared
+                .publish(space, WatchEvent::TombstoneDelete(name.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn tombstones(&self, ns: &str) -> Result<Vec<String>> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        Ok(state.space(ns).tombstones.keys().cloned().collect())
+    }
+
+    async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
+        self.shared.fault()?;
+        let node: Arc<str> = claim.node.as_str().into();
+        let mut state = self.shared.lock();
+        Ok(state
+            .space(ns)
+            .try_claim(task, claim.fire_time, &node, claim.claimed_at))
+    }
+
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
+        self.shared.fault()?;
+        let node: Arc<str> = claim.node.as_str().into();
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        Ok(tasks
+            .iter()
+            .map(|task| space.try_claim(task, claim.fire_time, &node, claim.claimed_at))
+            .collect())
+    }
+
+    async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let mut out: Vec<(String, Claim)> = state
+            .space(ns)
+            .claims
+            .iter()
+            .filter_map(|(name, slot)| match slot {
+                ClaimSlot::Valid {
+                    fire_time,
+                    node,
+                    claimed_at,
+                } => Some((
+                    name.clone(),
+                    Claim {
+                        fire_time: *fire_time,
+                        node: node.to_string(),
+                        claimed_at: *claimed_at,
+                    },
+                )),
+                ClaimSlot::Corrupt(raw) => codec::decode_claim(BACKEND, name, raw)
+                    .map(|claim| (name.clone(), claim)),
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn delete_claim(&self, ns: &str, task: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        state.space(ns).claims.remove(task);
+        Ok(())
+    }
+
+    async fn clear(&self, ns: &str) -> Result<()> {
+        self.shared.fault()?;
+        let mut state = self.shared.lock();
+        let space = state.space(ns);
+        let tasks = std::mem::take(&mut space.tasks);
+        let tombstones = std::mem::take(&mut space.tombstones);
+        space.claims.clear();
+        for name in tasks.into_keys() {
+            self.shared.publish(space, WatchEvent::TaskDelete(name));
+        }
+        for name in tombstones.into_keys() {
+            self.shared.publish(space, WatchEvent::TombstoneDelete(name));
+        }
+        Ok(())
+    }
+
+    async fn watch(&self, ns: &str) -> Result<WatchReceiver> {
+        self.shared.fault()?;
+        let mut events = {
+            let mut state = self.shared.lock();
+            state.space(ns).events.subscribe()
+        };
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(_)) => WatchEvent::Resync,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
