@@ -180,3 +180,21 @@ pub trait Registry: Send + Sync + 'static {
     /// failed for good; the caller calls `watch` again with backoff.
     async fn watch(&self, ns: &str) -> Result<WatchReceiver>;
 }
+
+#[cfg(feature = "consul")]
+pub mod consul;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
+
+#[cfg(feature = "consul")]
+pub use self::consul::ConsulRegistry;
+#[cfg(feature = "etcd")]
+pub use self::etcd::EtcdRegistry;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisRegistry;
+#[cfg(feature = "zookeeper")]
+pub use self::zookeeper::ZookeeperRegistry;
