@@ -59,6 +59,27 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// A task body returned an error.
+    #[error("task `{task}` failed at fire time {fire_time}: {source}")]
+    TaskFailed {
+        /// The task's name.
+        task: String,
+        /// The scheduled fire time of the run, epoch ms.
+        fire_time: i64,
+        /// The body's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A task body panicked; the panic was caught.
+    #[error("task `{task}` panicked at fire time {fire_time}: {message}")]
+    TaskPanicked {
+        /// The task's name.
+        task: String,
+        /// The scheduled fire time of the run, epoch ms.
+        fire_time: i64,
+        /// The panic message, if it was a string.
+        message: String,
+    },
     /// A bounded wait ran out.
     #[error("timed out after {after:?} while {what}; check that the registry is reachable")]
     Timeout {

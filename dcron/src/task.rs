@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,17 +101,26 @@ pub fn validate_task_name(name: &str) -> Result<()> {
 /// What a run of a task knows about itself.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
-    /// The task's name.
-    pub name: String,
+    /// The task's definition. Static tasks get one built from their
+    /// `add_*` call (empty payload).
+    pub meta: Arc<TaskMeta>,
     /// The scheduled fire time being run, epoch milliseconds (UTC). It is
     /// the claimed watermark, so it doubles as a fencing token: it grows
     /// strictly for each task across the whole cluster.
     pub fire_time: i64,
-    /// The dynamic task's definition; `None` for static tasks.
-    pub meta: Option<TaskMeta>,
 }
 
 impl TaskContext {
+    /// The task's name.
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    /// The dynamic task's payload (empty for static tasks).
+    pub fn payload(&self) -> &str {
+        &self.meta.payload
+    }
+
     /// The scheduled fire time as a UTC date-time.
     pub fn scheduled(&self) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp_millis(self.fire_time).unwrap_or_default()

@@ -1,12 +1,17 @@
-//! The memory registry against the conformance suite.
+//! The memory registry against the conformance suite and the cluster tests,
+//! plus the fault-injection tests only the memory registry can do.
 
+mod cluster;
 mod conformance;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dcron::registry::{RawKind, Registry};
-use dcron::MemoryRegistry;
+use dcron::{Dcron, Error, MemoryRegistry, TaskContext, TaskMeta};
+
+use cluster::{now_ms, Ledger};
+use conformance::{eventually, fresh_ns};
 
 struct Memory(MemoryRegistry);
 
@@ -20,8 +25,183 @@ impl conformance::Harness for Memory {
     }
 
     fn short_ttl(&self) -> Duration {
-        Duration::from_millis(600)
+        Duration::from_millis(1200)
     }
 }
 
 conformance::suite!(Memory(MemoryRegistry::new()));
+cluster::suite!(Memory(MemoryRegistry::new()));
+
+fn recording_node(registry: &MemoryRegistry, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
+    let (recorder, me) = (ledger.clone(), id.to_string());
+    Dcron::builder(registry.clone())
+        .namespace(ns)
+        .node_id(id)
+        .node_ttl(Duration::from_millis(1200))
+        .reload_interval(Duration::from_millis(500))
+        .task_handler(move |ctx: TaskContext| {
+            let (recorder, me) = (recorder.clone(), me.clone());
+            async move {
+                recorder.record(&ctx, &me);
+                Ok(())
+            }
+        })
+        .build()
+        .expect("node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_reload_recovers_a_dropped_event() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("dropped");
+    let ledger = Ledger::default();
+    let node = recording_node(&registry, &ns, "n1", &ledger);
+    node.start().await.expect("start");
+    registry.drop_next_events(1);
+    let writer = Dcron::builder(registry.clone()).namespace(&ns).build().expect("writer");
+    writer
+        .add_task_meta(TaskMeta::new("late-news", "* * * * * *"))
+        .await
+        .expect("add");
+    eventually(Duration::from_secs(5), "the reload to pick up the task", || async {
+        node.my_running_tasks() == vec!["late-news".to_string()]
+    })
+    .await;
+    let l = ledger.clone();
+    eventually(Duration::from_secs(5), "the task to run", || {
+        let l = l.clone();
+        async move { !l.fires("late-news").is_empty() }
+    })
+    .await;
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_claims_are_retried_not_lost() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("claim-retry");
+    let ledger = Ledger::default();
+    let node = recording_node(&registry, &ns, "n1", &ledger);
+    node.add_task_meta(TaskMeta::new("steady", "* * * * * *")).await.expect("add");
+    node.start().await.expect("start");
+    let l = ledger.clone();
+    eventually(Duration::from_secs(5), "a first run", || {
+        let l = l.clone();
+        async move { !l.fires("steady").is_empty() }
+    })
+    .await;
+    // The next three registry calls (the next claims among them) fail.
+    let from = now_ms() + 1000;
+    registry.fail_next_calls(3);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let to = now_ms() - 1000;
+    node.stop().await.expect("stop");
+    ledger.assert_no_duplicates();
+    ledger.assert_contiguous("steady", from, to);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_node_reregisters_and_resumes() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("reregister");
+    let ledger = Ledger::default();
+    let node = recording_node(&registry, &ns, "n1", &ledger);
+    node.add_task_meta(TaskMeta::new("t", "* * * * * *")).await.expect("add");
+    node.start().await.expect("start");
+    registry.expire_node(&ns, "n1");
+    let r: Arc<dyn Registry> = Arc::new(registry.clone());
+    eventually(Duration::from_secs(5), "re-registration", || async {
+        conformance::node_ids(&r, &ns).await.contains("n1")
+    })
+    .await;
+    let back = now_ms();
+    let l = ledger.clone();
+    eventually(Duration::from_secs(5), "runs after re-registering", || {
+        let l = l.clone();
+        async move { l.fires("t").iter().any(|t| *t > back) }
+    })
+    .await;
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_and_writes_nothing() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("bad-input");
+    let node = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .max_payload(16)
+        .build()
+        .expect("node");
+    let noop = |_: TaskContext| async { Ok(()) };
+    for name in ["", "a/b", "white space", &"x".repeat(201)] {
+        assert!(matches!(node.add_func(name, "* * * * *", noop).await, Err(Error::InvalidTaskName { .. })));
+        assert!(matches!(
+            node.add_task_meta(TaskMeta::new(name, "* * * * *")).await,
+            Err(Error::InvalidTaskName { .. })
+        ));
+        assert!(matches!(node.mark_task_deleted(name).await, Err(Error::InvalidTaskName { .. })));
+    }
+    for cron in ["", "* * *", "99 * * * *", "0 0 31 2 *", "CRON_TZ=Nowhere/City * * * * *"] {
+        assert!(matches!(node.add_func("ok", cron, noop).await, Err(Error::InvalidCron { .. })), "{cron}");
+        assert!(matches!(
+            node.add_task_meta(TaskMeta::new("ok", cron)).await,
+            Err(Error::InvalidCron { .. })
+        ));
+    }
+    match node
+        .add_task_meta(TaskMeta::new("big", "* * * * *").with_payload("x".repeat(17)))
+        .await
+    {
+        Err(Error::PayloadTooLarge { size: 17, limit: 16 }) => {}
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert!(node.all_tasks().is_empty());
+    assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
+    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert!(matches!(
+        Dcron::builder(registry.clone()).namespace("bad/ns").build(),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(matches!(node.stop().await, Err(Error::NotRunning)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_and_events() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("lifecycle");
+    let a = Dcron::builder(registry.clone()).namespace(&ns).node_id("a").build().expect("a");
+    let mut events = a.subscribe();
+    a.start().await.expect("start");
+    assert!(matches!(a.start().await, Err(Error::AlreadyRunning)));
+    let b = Dcron::builder(registry.clone()).namespace(&ns).node_id("b").build().expect("b");
+    b.start().await.expect("start b");
+    let nodes = a.nodes().await.expect("nodes");
+    assert_eq!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert!(nodes.iter().all(|n| n.status == dcron::NodeStatus::Working));
+    b.add_task_meta(TaskMeta::new("d", "0 0 * * * *")).await.expect("add");
+    b.stop().await.expect("stop b");
+    let mut saw = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !saw.contains(&"node-delete-b") {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("events in time")
+            .expect("event");
+        saw.push(match ev {
+            dcron::Event::Node(dcron::NodeEvent::Put(n)) if n.id == "b" => "node-put-b",
+            dcron::Event::Node(dcron::NodeEvent::Changed(n)) if n.id == "b" => "node-changed-b",
+            dcron::Event::Node(dcron::NodeEvent::Delete(id)) if id == "b" => "node-delete-b",
+            dcron::Event::Task(dcron::TaskEvent::Put(m)) if m.name == "d" => "task-put-d",
+            _ => "other",
+        });
+    }
+    for want in ["node-put-b", "node-changed-b", "task-put-d", "node-delete-b"] {
+        assert!(saw.contains(&want), "missing {want} in {saw:?}");
+    }
+    a.stop().await.expect("stop a");
+    assert!(registry.nodes(&ns).await.expect("nodes").is_empty(), "stop unregisters");
+}

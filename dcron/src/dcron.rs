@@ -1,0 +1,893 @@
+//! A cluster node: registration, the view of the cluster, ownership, and
+//! the task API.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::builder::Builder;
+use crate::clock::Clock;
+use crate::engine::{CatchUp, Engine, EngineConfig, Job};
+use crate::error::{Error, Result};
+use crate::events::{Event, NodeEvent, TaskEvent};
+use crate::node::{Node, NodeStatus};
+use crate::registry::{Registry, WatchEvent, WatchReceiver};
+use crate::schedule::Schedule;
+use crate::strategy::Assigner;
+use crate::task::{validate_task_name, Task, TaskContext, TaskMeta, TaskResult};
+use crate::view::{self, View};
+
+/// Bound on any single registry call made by the node's background loops.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest pause between retries of a failing background operation.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// One node of a dcron cluster.
+///
+/// Cheap to clone: clones are handles to the same node.
+///
+/// ```
+/// use std::time::Duration;
+/// use dcron::{Dcron, MemoryRegistry, TaskContext};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dcron::Result<()> {
+/// let registry = MemoryRegistry::new();
+/// let node = Dcron::builder(registry).node_id("node-1").build()?;
+/// node.add_func("report", "*/5 * * * * *", |ctx: TaskContext| async move {
+///     println!("{} for {}", ctx.name(), ctx.scheduled());
+///     Ok(())
+/// })
+/// .await?;
+/// node.start().await?;
+/// assert_eq!(node.my_running_tasks(), vec!["report".to_string()]);
+/// node.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Dcron {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Arc<dyn Registry>,
+    ns: String,
+    assigner: Arc<dyn Assigner>,
+    timezone: chrono_tz::Tz,
+    ttl: Duration,
+    heartbeat: Duration,
+    reload: Duration,
+    catch_up: CatchUp,
+    max_payload: usize,
+    drain_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    task_handler: Arc<dyn Task>,
+    engine: Arc<Engine>,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    dirty: Notify,
+    lifecycle: tokio::sync::Mutex<Option<Running>>,
+}
+
+struct State {
+    me: Node,
+    statics: BTreeMap<String, Job>,
+    /// The static task list changed since it was last published.
+    publish_statics: bool,
+    view: View,
+    /// Whether `view.tombstones` reflects the registry (it does once loaded).
+    tombstones_known: bool,
+    schedules: HashMap<String, Weak<Schedule>>,
+}
+
+struct Running {
+    shutdown: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl Dcron {
+    /// Starts configuring a node on `registry`.
+    pub fn builder(registry: impl Registry) -> Builder {
+        Builder::new(Arc::new(registry))
+    }
+
+    /// Starts configuring a node on a shared registry handle.
+    pub fn builder_shared(registry: Arc<dyn Registry>) -> Builder {
+        Builder::new(registry)
+    }
+
+    pub(crate) fn from_builder(b: Builder, ttl: Duration, heartbeat: Duration, reload: Duration) -> Dcron {
+        let node_id = b
+            .node_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let me = Node {
+            id: node_id.clone(),
+            ip: b.ip.unwrap_or_else(local_ip),
+            hostname: hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            last_alive: 0,
+            create_time: 0,
+            status: NodeStatus::Starting,
+            weight: b.weight,
+            static_tasks: Vec::new(),
+        };
+        let engine = Engine::new(EngineConfig {
+            registry: b.registry.clone(),
+            ns: b.namespace.clone(),
+            node_id,
+            clock: b.clock.clone(),
+            overlap: b.overlap,
+            catch_up: b.catch_up,
+            error_handler: b.error_handler,
+        });
+        let task_handler = b.task_handler.unwrap_or_else(|| Arc::new(no_task_handler));
+        Dcron {
+            inner: Arc::new(Inner {
+                registry: b.registry,
+                ns: b.namespace,
+                assigner: b.assigner,
+                timezone: b.timezone,
+                ttl,
+                heartbeat,
+                reload,
+                catch_up: b.catch_up,
+                max_payload: b.max_payload,
+                drain_timeout: b.drain_timeout,
+                clock: b.clock,
+                task_handler,
+                engine,
+                state: Mutex::new(State {
+                    me,
+                    statics: BTreeMap::new(),
+                    publish_statics: false,
+                    view: View::default(),
+                    tombstones_known: false,
+                    schedules: HashMap::new(),
+                }),
+                events: broadcast::channel(1024).0,
+                dirty: Notify::new(),
+                lifecycle: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> String {
+        self.inner.lock().me.id.clone()
+    }
+
+    /// The namespace this node works in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.ns
+    }
+
+    // ----- static tasks -------------------------------------------------
+
+    /// Adds a static task: defined in code on this node, owned only by
+    /// nodes that define it. Fails with [`Error::TaskDeleted`] if the name
+    /// carries a tombstone and [`Error::TaskExists`] if it is defined.
+    pub async fn add_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
+        self.add_static(name, cron, Arc::new(task), false, false).await
+    }
+
+    /// [`add_task`](Self::add_task) for an async closure.
+    pub async fn add_func<F, Fut>(&self, name: &str, cron: &str, f: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.add_task(name, cron, f).await
+    }
+
+    /// A static task that runs once in the whole cluster, ever, then is
+    /// marked deleted.
+    pub async fn add_one_shot_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
+        self.add_static(name, cron, Arc::new(task), true, false).await
+    }
+
+    /// [`add_one_shot_task`](Self::add_one_shot_task) for an async closure.
+    pub async fn add_one_shot_func<F, Fut>(&self, name: &str, cron: &str, f: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.add_one_shot_task(name, cron, f).await
+    }
+
+    /// Overwrites: clears the tombstone, the claim and any local
+    /// definition of `name`, then adds the static task.
+    pub async fn force_add_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
+        self.add_static(name, cron, Arc::new(task), false, true).await
+    }
+
+    /// [`force_add_task`](Self::force_add_task) for an async closure.
+    pub async fn force_add_func<F, Fut>(&self, name: &str, cron: &str, f: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.force_add_task(name, cron, f).await
+    }
+
+    /// Overwriting variant of [`add_one_shot_task`](Self::add_one_shot_task).
+    pub async fn force_add_one_shot_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
+        self.add_static(name, cron, Arc::new(task), true, true).await
+    }
+
+    /// Overwriting variant of [`add_one_shot_func`](Self::add_one_shot_func).
+    pub async fn force_add_one_shot_func<F, Fut>(&self, name: &str, cron: &str, f: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.force_add_one_shot_task(name, cron, f).await
+    }
+
+    async fn add_static(&self, name: &str, cron: &str, body: Arc<dyn Task>, one_shot: bool, force: bool) -> Result<()> {
+        validate_task_name(name)?;
+        let schedule = self.inner.schedule(cron)?;
+        if force {
+            self.inner.forget_history(name).await?;
+            self.inner.lock().statics.remove(name);
+        } else {
+            self.inner.check_not_deleted(name).await?;
+            let st = self.inner.lock();
+            if st.statics.contains_key(name) || st.view.tasks.contains_key(name) {
+                return Err(Error::TaskExists(name.to_string()));
+            }
+        }
+        let mut meta = TaskMeta::new(name, cron);
+        meta.one_shot = one_shot;
+        let job = Job {
+            meta: Arc::new(meta),
+            schedule,
+            body,
+        };
+        let mut st = self.inner.lock();
+        st.statics.insert(name.to_string(), job);
+        st.publish_statics = true;
+        drop(st);
+        self.inner.dirty.notify_one();
+        Ok(())
+    }
+
+    // ----- dynamic tasks ------------------------------------------------
+
+    /// Adds a dynamic task: stored in the registry, seen by every node, run
+    /// by the task handler of its owner. Nothing is written if the name,
+    /// cron or payload is invalid.
+    pub async fn add_task_meta(&self, meta: TaskMeta) -> Result<()> {
+        self.inner.check_meta(&meta)?;
+        self.inner.check_not_deleted(&meta.name).await?;
+        if self.inner.lock().statics.contains_key(&meta.name) {
+            return Err(Error::TaskExists(meta.name));
+        }
+        self.inner.registry.put_task(&self.inner.ns, &meta, false).await
+    }
+
+    /// Overwrites: clears the tombstone and the claim of the name, then
+    /// stores the definition (replacing any old one).
+    pub async fn force_add_task_meta(&self, meta: TaskMeta) -> Result<()> {
+        self.inner.check_meta(&meta)?;
+        self.inner.forget_history(&meta.name).await?;
+        self.inner.registry.put_task(&self.inner.ns, &meta, true).await
+    }
+
+    // ----- deletion -----------------------------------------------------
+
+    /// Writes a tombstone: the task stops on every node, and a plain
+    /// `add_*` of the name fails with [`Error::TaskDeleted`], also after
+    /// restarts, until [`reuse_deleted_task`](Self::reuse_deleted_task).
+    pub async fn mark_task_deleted(&self, name: &str) -> Result<()> {
+        validate_task_name(name)?;
+        self.inner.registry.put_tombstone(&self.inner.ns, name).await?;
+        self.inner.apply(WatchEvent::TombstonePut(name.to_string()));
+        Ok(())
+    }
+
+    /// Removes the tombstone so the task runs again.
+    pub async fn reuse_deleted_task(&self, name: &str) -> Result<()> {
+        validate_task_name(name)?;
+        self.inner.registry.delete_tombstone(&self.inner.ns, name).await?;
+        self.inner.apply(WatchEvent::TombstoneDelete(name.to_string()));
+        Ok(())
+    }
+
+    /// Removes every trace of the task: dynamic definition, tombstone,
+    /// claim, and this node's static definition.
+    pub async fn cleanup_task(&self, name: &str) -> Result<()> {
+        validate_task_name(name)?;
+        let (reg, ns) = (&self.inner.registry, self.inner.ns.as_str());
+        reg.delete_task(ns, name).await?;
+        reg.delete_tombstone(ns, name).await?;
+        reg.delete_claim(ns, name).await?;
+        let had_static = self.inner.lock().statics.remove(name).is_some();
+        if had_static {
+            self.inner.lock().publish_statics = true;
+        }
+        self.inner.apply(WatchEvent::TaskDelete(name.to_string()));
+        self.inner.apply(WatchEvent::TombstoneDelete(name.to_string()));
+        Ok(())
+    }
+
+    /// Wipes the namespace's dynamic tasks, tombstones and claims (for
+    /// tests and resets). Static definitions in code stay.
+    pub async fn force_cleanup_all_tasks(&self) -> Result<()> {
+        self.inner.registry.clear(&self.inner.ns).await?;
+        let mut st = self.inner.lock();
+        st.view.tasks.clear();
+        st.view.tombstones.clear();
+        drop(st);
+        self.inner.dirty.notify_one();
+        Ok(())
+    }
+
+    // ----- lifecycle ----------------------------------------------------
+
+    /// Registers (`starting`), loads the cluster state, starts watching,
+    /// turns `working`, and returns. Fires begin right away.
+    pub async fn start(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut lifecycle = inner.lifecycle.lock().await;
+        if lifecycle.is_some() {
+            return Err(Error::AlreadyRunning);
+        }
+        let now = inner.clock.now_ms();
+        let record = {
+            let mut st = inner.lock();
+            st.me.status = NodeStatus::Starting;
+            st.me.create_time = now;
+            st.me.last_alive = now;
+            st.me.static_tasks = st.statics.keys().cloned().collect();
+            st.publish_statics = false;
+            st.me.clone()
+        };
+        inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
+        let watch = match inner.call("watch", inner.registry.watch(&inner.ns)).await {
+            Ok(rx) => Some(rx),
+            Err(err) => {
+                tracing::warn!(%err, "watch unavailable at start; relying on reloads until it comes back");
+                None
+            }
+        };
+        if let Err(err) = inner.reload_view().await {
+            let _ = inner.registry.unregister(&inner.ns, &record.id).await;
+            return Err(err);
+        }
+        let record = {
+            let mut st = inner.lock();
+            st.me.status = NodeStatus::Working;
+            st.me.clone()
+        };
+        if !inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await? {
+            inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
+        }
+        inner.apply(WatchEvent::NodePut(record));
+        inner.engine.resume();
+        inner.reconcile().await;
+
+        let (shutdown, stop_rx) = watch::channel(false);
+        let loops = vec![
+            tokio::spawn(inner.engine.clone().run()),
+            tokio::spawn(heartbeat_loop(self.inner.clone(), stop_rx.clone())),
+            tokio::spawn(watch_loop(self.inner.clone(), watch, stop_rx.clone())),
+            tokio::spawn(reload_loop(self.inner.clone(), stop_rx.clone())),
+            tokio::spawn(reconcile_loop(self.inner.clone(), stop_rx)),
+        ];
+        *lifecycle = Some(Running { shutdown, loops });
+        tracing::info!(node = %self.node_id(), ns = %inner.ns, "node working");
+        Ok(())
+    }
+
+    /// Publishes `leaving` (others take over at once), stops firing, waits
+    /// for running tasks (up to the drain timeout), and unregisters.
+    pub async fn stop(&self) -> Result<()> {
+        let inner = &self.inner;
+        let Some(running) = inner.lifecycle.lock().await.take() else {
+            return Err(Error::NotRunning);
+        };
+        let record = {
+            let mut st = inner.lock();
+            st.me.status = NodeStatus::Leaving;
+            st.me.clone()
+        };
+        if let Err(err) = inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await {
+            tracing::warn!(%err, "could not publish `leaving`; others take over after the TTL");
+        }
+        inner.engine.stop();
+        let _ = running.shutdown.send(true);
+        if !inner.engine.drain(inner.drain_timeout).await {
+            tracing::warn!(running = inner.engine.running(), "drain timeout: leaving tasks running");
+        }
+        let unregistered = inner.call("unregister", inner.registry.unregister(&inner.ns, &record.id)).await;
+        for handle in running.loops {
+            handle.abort();
+        }
+        inner.engine.reset();
+        {
+            let mut st = inner.lock();
+            st.me.status = NodeStatus::Starting;
+            st.view.nodes.remove(&record.id);
+        }
+        tracing::info!(node = %record.id, "node stopped");
+        unregistered
+    }
+
+    /// Simulates a crash (tests): stops firing and every background loop
+    /// at once, without publishing `leaving` and without unregistering, so
+    /// the registration is left to expire. Runs in flight are not awaited.
+    #[doc(hidden)]
+    pub async fn kill(&self) {
+        if let Some(running) = self.inner.lifecycle.lock().await.take() {
+            self.inner.engine.stop();
+            for handle in running.loops {
+                handle.abort();
+            }
+            self.inner.engine.reset();
+        }
+    }
+
+    /// Whether the node is started.
+    pub async fn is_running(&self) -> bool {
+        self.inner.lifecycle.lock().await.is_some()
+    }
+
+    // ----- queries ------------------------------------------------------
+
+    /// Live nodes, read from the registry.
+    pub async fn nodes(&self) -> Result<Vec<Node>> {
+        let mut nodes = self.inner.registry.nodes(&self.inner.ns).await?;
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    /// Every task name known to this node: its static tasks, those of the
+    /// other nodes, and the dynamic ones (tombstoned ones included).
+    pub fn all_tasks(&self) -> Vec<String> {
+        let st = self.inner.lock();
+        let mut names: BTreeSet<&str> = st.statics.keys().map(String::as_str).collect();
+        names.extend(st.view.tasks.keys().map(String::as_str));
+        for node in st.view.nodes.values() {
+            names.extend(node.static_tasks.iter().map(String::as_str));
+        }
+        names.into_iter().map(str::to_string).collect()
+    }
+
+    /// The tasks this node owns now, sorted.
+    pub fn my_running_tasks(&self) -> Vec<String> {
+        self.inner.engine.owned()
+    }
+
+    /// A stream of node and task events as this node sees them.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+}
+
+async fn no_task_handler(ctx: TaskContext) -> TaskResult {
+    Err(format!(
+        "dynamic task `{}` fired but the node has no task_handler; set one with Builder::task_handler",
+        ctx.name()
+    )
+    .into())
+}
+
+/// The address of the interface used for outbound traffic (no packet is
+/// sent), or 127.0.0.1.
+fn local_ip() -> String {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".to_string())
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No critical section can panic half-way (only map updates).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a registry call with the node's bound.
+    async fn call<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                what: format!("{what} on the {} registry", self.registry.backend()),
+                after: CALL_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Parses `cron`, sharing one parsed schedule between equal expressions.
+    fn schedule(&self, cron: &str) -> Result<Arc<Schedule>> {
+        if let Some(s) = self.lock().schedules.get(cron).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let schedule = Arc::new(Schedule::parse(cron, self.timezone)?);
+        let mut st = self.lock();
+        if st.schedules.len() > 1024 && st.schedules.len() > 2 * st.statics.len() {
+            st.schedules.retain(|_, s| s.strong_count() > 0);
+        }
+        st.schedules.insert(cron.to_string(), Arc::downgrade(&schedule));
+        Ok(schedule)
+    }
+
+    fn check_meta(&self, meta: &TaskMeta) -> Result<()> {
+        validate_task_name(&meta.name)?;
+        if meta.payload.len() > self.max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: meta.payload.len(),
+                limit: self.max_payload,
+            });
+        }
+        self.schedule(&meta.cron_format).map(drop)
+    }
+
+    async fn check_not_deleted(&self, name: &str) -> Result<()> {
+        let known = self.lock().tombstones_known;
+        if !known {
+            let names = self.registry.tombstones(&self.ns).await?;
+            let mut st = self.lock();
+            st.view.tombstones = names.into_iter().collect();
+            st.tombstones_known = true;
+        }
+        if self.lock().view.tombstones.contains(name) {
+            return Err(Error::TaskDeleted(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Clears the tombstone and the claim of `name` (force_* adds).
+    async fn forget_history(&self, name: &str) -> Result<()> {
+        self.registry.delete_tombstone(&self.ns, name).await?;
+        self.registry.delete_claim(&self.ns, name).await?;
+        self.apply(WatchEvent::TombstoneDelete(name.to_string()));
+        Ok(())
+    }
+
+    fn emit(&self, event: Event) {
+        // Nobody subscribed is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// Applies one change to the view, emitting the matching event.
+    fn apply(&self, event: WatchEvent) {
+        let mut st = self.lock();
+        let out = match event {
+            WatchEvent::NodePut(node) => {
+                let ev = match st.view.nodes.get(&node.id) {
+                    None => Some(NodeEvent::Put(node.clone())),
+                    Some(old) if *old != node => Some(NodeEvent::Changed(node.clone())),
+                    Some(_) => None,
+                };
+                st.view.nodes.insert(node.id.clone(), node);
+                ev.map(Event::Node)
+            }
+            WatchEvent::NodeDelete(id) => st
+                .view
+                .nodes
+                .remove(&id)
+                .map(|_| Event::Node(NodeEvent::Delete(id))),
+            WatchEvent::TaskPut(meta) => {
+                let meta = Arc::new(meta);
+                let old = st.view.tasks.insert(meta.name.clone(), meta.clone());
+                (old.as_deref() != Some(&*meta)).then(|| Event::Task(TaskEvent::Put(meta)))
+            }
+            WatchEvent::TaskDelete(name) => st
+                .view
+                .tasks
+                .remove(&name)
+                .map(|_| Event::Task(TaskEvent::Delete(name))),
+            WatchEvent::TombstonePut(name) => st
+                .view
+                .tombstones
+                .insert(name.clone())
+                .then(|| Event::Task(TaskEvent::Tombstoned(name))),
+            WatchEvent::TombstoneDelete(name) => st
+                .view
+                .tombstones
+                .remove(&name)
+                .then(|| Event::Task(TaskEvent::Revived(name))),
+            WatchEvent::Resync => None,
+        };
+        drop(st);
+        if let Some(ev) = out {
+            self.emit(ev);
+            self.dirty.notify_one();
+        }
+    }
+
+    /// Replaces the view with a full read of the registry. On error the
+    /// last known view stays (a failed read never revives a tombstone).
+    async fn reload_view(&self) -> Result<()> {
+        let (reg, ns) = (&self.registry, self.ns.as_str());
+        let nodes = self.call("list nodes", reg.nodes(ns)).await?;
+        let tasks = self.call("list tasks", reg.tasks(ns)).await?;
+        let tombstones = self.call("list tombstones", reg.tombstones(ns)).await?;
+        let (old_nodes, old_tasks, old_tombstones) = {
+            let st = self.lock();
+            (
+                st.view.nodes.keys().cloned().collect::<Vec<_>>(),
+                st.view.tasks.keys().cloned().collect::<Vec<_>>(),
+                st.view.tombstones.clone(),
+            )
+        };
+        let new_nodes: BTreeSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        let new_tasks: BTreeSet<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+        let new_tombstones: BTreeSet<&String> = tombstones.iter().collect();
+        for id in old_nodes.into_iter().filter(|id| !new_nodes.contains(id.as_str())) {
+            self.apply(WatchEvent::NodeDelete(id));
+        }
+        for name in old_tasks.into_iter().filter(|n| !new_tasks.contains(n.as_str())) {
+            self.apply(WatchEvent::TaskDelete(name));
+        }
+        for name in old_tombstones.iter().filter(|n| !new_tombstones.contains(n)) {
+            self.apply(WatchEvent::TombstoneDelete(name.clone()));
+        }
+        for node in nodes {
+            self.apply(WatchEvent::NodePut(node));
+        }
+        for meta in tasks {
+            self.apply(WatchEvent::TaskPut(meta));
+        }
+        for name in tombstones {
+            self.apply(WatchEvent::TombstonePut(name));
+        }
+        self.lock().tombstones_known = true;
+        self.dirty.notify_one();
+        Ok(())
+    }
+
+    /// Recomputes which tasks this node owns and hands them to the engine;
+    /// catches up missed fires of tasks it just took over.
+    async fn reconcile(&self) {
+        let (jobs, publish) = {
+            let mut st = self.lock();
+            let me = st.me.clone();
+            // Our own record as we know it now (the registry's copy may lag).
+            let mut mine = me.clone();
+            mine.static_tasks = st.statics.keys().cloned().collect();
+            let registered = st.view.nodes.contains_key(&me.id);
+            let mut view = std::mem::take(&mut st.view);
+            let saved = if registered {
+                view.nodes.insert(me.id.clone(), mine.clone())
+            } else {
+                None
+            };
+            let owned: Vec<String> = view::assign(&view, &*self.assigner)
+                .into_iter()
+                .filter(|(_, owner)| *owner == me.id)
+                .map(|(task, _)| task.to_string())
+                .collect();
+            let mut jobs = Vec::with_capacity(owned.len());
+            for name in owned {
+                if let Some(job) = st.statics.get(&name) {
+                    jobs.push(job.clone());
+                } else if let Some(meta) = view.tasks.get(&name) {
+                    match self.schedule_locked(&mut st, &meta.cron_format) {
+                        Ok(schedule) => jobs.push(Job {
+                            meta: meta.clone(),
+                            schedule,
+                            body: self.task_handler.clone(),
+                        }),
+                        Err(err) => tracing::warn!(task = %name, %err, "skipping dynamic task with an invalid schedule"),
+                    }
+                }
+            }
+            if let Some(old) = saved {
+                view.nodes.insert(old.id.clone(), old);
+            }
+            st.view = view;
+            let publish = (st.publish_statics && registered).then(|| {
+                st.publish_statics = false;
+                st.me.static_tasks = mine.static_tasks.clone();
+                st.me.clone()
+            });
+            (jobs, publish)
+        };
+        if let Some(record) = publish {
+            match self.call("update node", self.registry.update_node(&self.ns, &record)).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    self.lock().publish_statics = true;
+                    tracing::warn!("could not publish the static task list; will retry");
+                }
+            }
+        }
+        let schedules: HashMap<String, Arc<Schedule>> = jobs
+            .iter()
+            .map(|j| (j.meta.name.clone(), j.schedule.clone()))
+            .collect();
+        let added = self.engine.set_jobs(jobs);
+        if added.is_empty() {
+            return;
+        }
+        let CatchUp::RunLatest { .. } = self.catch_up else {
+            return;
+        };
+        // Tasks that ran before and whose latest fire is newer than their
+        // watermark missed that fire while nobody owned them.
+        let claims = match self.call("list claims", self.registry.claims(&self.ns)).await {
+            Ok(claims) => claims.into_iter().collect::<HashMap<_, _>>(),
+            Err(err) => {
+                tracing::warn!(%err, "cannot read claims; no catch-up this time");
+                return;
+            }
+        };
+        let now = self.clock.now_ms();
+        let window = self.catch_up.window_ms();
+        for name in added {
+            let (Some(claim), Some(schedule)) = (claims.get(&*name), schedules.get(&*name)) else {
+                continue;
+            };
+            if let Some(latest) = schedule.latest_at_or_before(now) {
+                if latest > claim.fire_time && now - latest <= window {
+                    tracing::info!(task = %name, fire_time = latest, "catching up a missed fire");
+                    self.engine.catch_up(&name, latest);
+                }
+            }
+        }
+    }
+
+    fn schedule_locked(&self, st: &mut State, cron: &str) -> Result<Arc<Schedule>> {
+        if let Some(s) = st.schedules.get(cron).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let schedule = Arc::new(Schedule::parse(cron, self.timezone)?);
+        st.schedules.insert(cron.to_string(), Arc::downgrade(&schedule));
+        Ok(schedule)
+    }
+
+    /// Re-registers after the registry lost this node.
+    async fn reregister(&self) -> Result<()> {
+        let record = {
+            let mut st = self.lock();
+            st.me.static_tasks = st.statics.keys().cloned().collect();
+            st.publish_statics = false;
+            st.me.clone()
+        };
+        self.call("register", self.registry.register(&self.ns, &record, self.ttl)).await?;
+        self.apply(WatchEvent::NodePut(record));
+        self.reload_view().await
+    }
+}
+
+/// Sleeps `pause` unless shutdown is signalled first; returns whether to go on.
+async fn pause_or_stop(pause: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => !*stop.borrow(),
+        _ = stop.changed() => false,
+    }
+}
+
+fn backoff(failures: u32, base: Duration) -> Duration {
+    base.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF)
+}
+
+async fn heartbeat_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        let pause = if failures == 0 { inner.heartbeat } else { backoff(failures, inner.heartbeat / 2) };
+        if !pause_or_stop(pause, &mut stop).await {
+            return;
+        }
+        let id = inner.lock().me.id.clone();
+        let result = match inner.call("heartbeat", inner.registry.heartbeat(&inner.ns, &id, inner.ttl)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(node = %id, "registration lost (expired or evicted); re-registering");
+                inner.reregister().await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => failures = 0,
+            Err(err) => {
+                failures += 1;
+                tracing::warn!(%err, failures, "heartbeat failed; retrying with backoff");
+            }
+        }
+    }
+}
+
+async fn watch_loop(inner: Arc<Inner>, mut rx: Option<WatchReceiver>, mut stop: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(feed) = rx.as_mut() else {
+            if !pause_or_stop(backoff(failures, Duration::from_millis(200)), &mut stop).await {
+                return;
+            }
+            match inner.call("watch", inner.registry.watch(&inner.ns)).await {
+                Ok(new) => {
+                    failures = 0;
+                    rx = Some(new);
+                    if let Err(err) = inner.reload_view().await {
+                        tracing::warn!(%err, "reload after re-watch failed");
+                    }
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::warn!(%err, failures, "watch failed; retrying with backoff");
+                }
+            }
+            continue;
+        };
+        let event = tokio::select! {
+            ev = feed.recv() => ev,
+            _ = stop.changed() => return,
+        };
+        match event {
+            Some(WatchEvent::Resync) => {
+                if let Err(err) = inner.reload_view().await {
+                    tracing::warn!(%err, "reload after resync failed; the periodic reload will retry");
+                }
+            }
+            Some(event) => inner.apply(event),
+            None => {
+                tracing::warn!("watch feed ended; re-watching");
+                rx = None;
+            }
+        }
+    }
+}
+
+async fn reload_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        let pause = if failures == 0 { inner.reload } else { backoff(failures, Duration::from_millis(500)) };
+        if !pause_or_stop(pause, &mut stop).await {
+            return;
+        }
+        match inner.reload_view().await {
+            Ok(()) => failures = 0,
+            Err(err) => {
+                failures += 1;
+                tracing::warn!(%err, failures, "reload failed; keeping the last known state");
+            }
+        }
+    }
+}
+
+async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = inner.dirty.notified() => {}
+            _ = stop.changed() => return,
+        }
+        inner.reconcile().await;
+    }
+}
+
+/// Waits for Ctrl-C (and SIGTERM on Unix): call it after `start` and then
+/// `stop` the node for a graceful exit.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,568 @@
+//! The timer: one loop over a queue of next fire times for the tasks this
+//! node owns. Due fires are claimed in the registry in one batch per fire
+//! time, and only the won fires run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::registry::{Claim, Registry};
+use crate::schedule::Schedule;
+use crate::task::{Task, TaskContext, TaskMeta};
+
+/// What to do with a fire that comes while the previous run of the same
+/// task still runs on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Skip the new fire (its claim is not taken, so nobody runs it).
+    #[default]
+    Skip,
+    /// Run it anyway, concurrently.
+    Allow,
+}
+
+/// What a node does about fires missed while nobody owned a task (a crash,
+/// a rebalance, a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Forget missed fires.
+    Skip,
+    /// Run the most recent missed fire if it is at most `window` old and
+    /// newer than the task's claim watermark. Tasks that never ran are not
+    /// caught up (a fire before a task existed is not "missed").
+    RunLatest {
+        /// How old a missed fire may be.
+        window: Duration,
+    },
+}
+
+impl Default for CatchUp {
+    fn default() -> Self {
+        CatchUp::RunLatest {
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl CatchUp {
+    pub(crate) fn window_ms(self) -> i64 {
+        match self {
+            CatchUp::Skip => 0,
+            CatchUp::RunLatest { window } => i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// Called with every failed or panicked run.
+pub type ErrorHandler = Arc<dyn Fn(&TaskMeta, &Error) + Send + Sync>;
+
+/// A task this node owns, as the node hands it to the engine.
+#[derive(Clone)]
+pub(crate) struct Job {
+    pub meta: Arc<TaskMeta>,
+    pub schedule: Arc<Schedule>,
+    pub body: Arc<dyn Task>,
+}
+
+impl Job {
+    fn same_as(&self, other: &Job) -> bool {
+        Arc::ptr_eq(&self.schedule, &other.schedule)
+            && Arc::ptr_eq(&self.body, &other.body)
+            && self.meta == other.meta
+    }
+}
+
+pub(crate) struct EngineConfig {
+    pub registry: Arc<dyn Registry>,
+    pub ns: String,
+    pub node_id: String,
+    pub clock: Arc<dyn Clock>,
+    pub overlap: Overlap,
+    pub catch_up: CatchUp,
+    pub error_handler: Option<ErrorHandler>,
+}
+
+/// The fire queue and the runs in flight.
+pub(crate) struct Engine {
+    cfg: EngineConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    index: HashMap<Arc<str>, u32>,
+    /// Due time (epoch ms) → fires due then.
+    queue: BTreeMap<i64, Vec<Fire>>,
+    generation: u64,
+    stopped: bool,
+}
+
+struct Entry {
+    job: Job,
+    generation: u64,
+    running: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+struct Fire {
+    slot: u32,
+    generation: u64,
+    fire_time: i64,
+    /// Regular fires schedule the next one; catch-ups and retries don't.
+    regular: bool,
+    attempt: u8,
+}
+
+/// Longest pause between claim retries after registry errors.
+const MAX_RETRY_PAUSE_MS: i64 = 5_000;
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Arc<Engine> {
+        Arc::new(Engine {
+            cfg,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent between
+        // statements that can panic, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Names of the tasks currently scheduled here.
+    pub fn owned(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut names: Vec<String> = st.index.keys().map(|n| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// Makes the engine schedule exactly `jobs` (by name): new ones are
+    /// queued from now, changed ones are replaced, missing ones dropped.
+    /// Returns the names that were not scheduled before.
+    pub fn set_jobs(&self, jobs: Vec<Job>) -> Vec<Arc<str>> {
+        let now = self.cfg.clock.now_ms();
+        let mut st = self.lock();
+        let mut keep: HashMap<Arc<str>, Job> = jobs
+            .into_iter()
+            .map(|j| (Arc::<str>::from(j.meta.name.as_str()), j))
+            .collect();
+        let stale: Vec<Arc<str>> = st
+            .index
+            .iter()
+            .filter(|(name, &slot)| match (keep.get(*name), &st.slots[slot as usize]) {
+                (Some(job), Some(entry)) => !entry.job.same_as(job),
+                _ => true,
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &stale {
+            st.remove(name);
+        }
+        let mut added = Vec::new();
+        let mut next_cache: HashMap<usize, Option<i64>> = HashMap::new();
+        for (name, job) in keep.drain() {
+            if st.index.contains_key(&name) {
+                continue;
+            }
+            let next = *next_cache
+                .entry(Arc::as_ptr(&job.schedule) as *const () as usize)
+                .or_insert_with(|| job.schedule.next_after(now));
+            st.insert(name.clone(), job, next);
+            added.push(name);
+        }
+        drop(st);
+        self.wake.notify_one();
+        added
+    }
+
+    /// Queues an extra, immediate fire of `name` at the past `fire_time`.
+    pub fn catch_up(&self, name: &str, fire_time: i64) {
+        let now = self.cfg.clock.now_ms();
+        let mut st = self.lock();
+        let Some(&slot) = st.index.get(name) else {
+            return;
+        };
+        let Some(entry) = &st.slots[slot as usize] else {
+            return;
+        };
+        let fire = Fire {
+            slot,
+            generation: entry.generation,
+            fire_time,
+            regular: false,
+            attempt: 0,
+        };
+        st.queue.entry(now).or_default().push(fire);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Stops firing; runs in flight continue.
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.wake.notify_one();
+    }
+
+    /// Clears the queue (after `stop`), so a later start begins afresh.
+    pub fn reset(&self) {
+        *self.lock() = State::default();
+    }
+
+    /// Allows firing again after `stop`.
+    pub fn resume(&self) {
+        self.lock().stopped = false;
+    }
+
+    /// Runs in flight on this node.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no run is in flight, at most `limit`. Returns whether it
+    /// drained.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.idle.notified();
+            if self.running() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.running() == 0;
+            }
+        }
+    }
+
+    /// The timer loop. Ends after `stop`.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let now = self.cfg.clock.now_ms();
+            let (batch, wait) = {
+                let mut st = self.lock();
+                if st.stopped {
+                    return;
+                }
+                st.take_due(now)
+            };
+            if batch.is_empty() {
+                let notified = self.wake.notified();
+                match wait {
+                    Some(ms) => {
+                        let pause = Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1));
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = notified => {}
+                        }
+                    }
+                    None => notified.await,
+                }
+                continue;
+            }
+            self.fire_batch(batch, now).await;
+        }
+    }
+
+    async fn fire_batch(self: &Arc<Self>, batch: Vec<Fire>, now: i64) {
+        // Reschedule, skip overlaps, and group the rest by fire time.
+        let mut groups: BTreeMap<i64, Vec<(Fire, Job, Arc<AtomicUsize>)>> = BTreeMap::new();
+        {
+            let mut st = self.lock();
+            let mut next_cache: HashMap<(usize, i64), Option<i64>> = HashMap::new();
+            for fire in batch {
+                let Some(entry) = st.live(fire) else { continue };
+                let job = entry.job.clone();
+                let running = entry.running.clone();
+                if fire.regular {
+                    let key = (Arc::as_ptr(&job.schedule) as *const () as usize, fire.fire_time);
+                    let next = *next_cache
+                        .entry(key)
+                        .or_insert_with(|| job.schedule.next_after(fire.fire_time.max(now - 1)));
+                    if let Some(next) = next {
+                        st.push(next, Fire { fire_time: next, attempt: 0, ..fire });
+                    }
+                }
+                if self.cfg.overlap == Overlap::Skip && running.load(Ordering::SeqCst) > 0 {
+                    tracing::debug!(task = %job.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
+                    continue;
+                }
+                groups.entry(fire.fire_time).or_default().push((fire, job, running));
+            }
+        }
+        for (fire_time, fires) in groups {
+            let claim = Claim {
+                fire_time,
+                node: self.cfg.node_id.clone(),
+                claimed_at: now,
+            };
+            let names: Vec<&str> = fires.iter().map(|(_, job, _)| job.meta.name.as_str()).collect();
+            let won = match self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim).await {
+                Ok(won) if won.len() == fires.len() => won,
+                Ok(won) => {
+                    tracing::error!(expected = fires.len(), got = won.len(), "registry answered a claim batch with the wrong length");
+                    vec![false; fires.len()]
+                }
+                Err(err) => {
+                    self.retry_later(fires.iter().map(|(f, _, _)| *f), &err);
+                    continue;
+                }
+            };
+            for ((fire, job, running), won) in fires.into_iter().zip(won) {
+                if won {
+                    self.spawn_run(job, fire.fire_time, running);
+                }
+            }
+        }
+    }
+
+    fn retry_later(&self, fires: impl Iterator<Item = Fire>, err: &Error) {
+        let now = self.cfg.clock.now_ms();
+        let window = self.cfg.catch_up.window_ms().max(5_000);
+        let mut st = self.lock();
+        let mut dropped = 0usize;
+        let mut retried = 0usize;
+        for fire in fires {
+            if now - fire.fire_time > window {
+                dropped += 1;
+                continue;
+            }
+            let attempt = fire.attempt.saturating_add(1);
+            let pause = (100_i64 << attempt.min(6)).min(MAX_RETRY_PAUSE_MS);
+            st.push(now + pause, Fire { regular: false, attempt, ..fire });
+            retried += 1;
+        }
+        drop(st);
+        if dropped > 0 {
+            tracing::error!(%err, dropped, "could not claim fires within the retry window; they are lost");
+        }
+        if retried > 0 {
+            tracing::warn!(%err, retried, "claim failed; retrying");
+        }
+    }
+
+    fn spawn_run(self: &Arc<Self>, job: Job, fire_time: i64, running: Arc<AtomicUsize>) {
+        running.fetch_add(1, Ordering::SeqCst);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let guard = RunGuard {
+            engine: self.clone(),
+            task: running,
+        };
+        tokio::spawn(async move {
+            guard.engine.run_once(job, fire_time).await;
+            drop(guard);
+        });
+    }
+
+    async fn run_once(&self, job: Job, fire_time: i64) {
+        let meta = job.meta.clone();
+        let reg = &self.cfg.registry;
+        let ns = self.cfg.ns.as_str();
+        if meta.one_shot {
+            // Tombstone before the body runs: a crash mid-run must not let
+            // another node run the next fire of a one-shot task.
+            if let Err(err) = retry(|| reg.put_tombstone(ns, &meta.name)).await {
+                tracing::error!(task = %meta.name, %err, "could not tombstone a one-shot task; not running it");
+                self.report(&meta, &err);
+                return;
+            }
+        }
+        let ctx = TaskContext {
+            meta: meta.clone(),
+            fire_time,
+        };
+        match CatchUnwind(job.body.run(ctx)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => self.report(
+                &meta,
+                &Error::TaskFailed {
+                    task: meta.name.clone(),
+                    fire_time,
+                    source,
+                },
+            ),
+            Err(message) => self.report(
+                &meta,
+                &Error::TaskPanicked {
+                    task: meta.name.clone(),
+                    fire_time,
+                    message,
+                },
+            ),
+        }
+        let after = if meta.executed_and_cleanup {
+            let tombstone = meta.one_shot;
+            retry(|| async {
+                reg.delete_task(ns, &meta.name).await?;
+                reg.delete_claim(ns, &meta.name).await?;
+                if !tombstone {
+                    reg.delete_tombstone(ns, &meta.name).await?;
+                }
+                Ok(())
+            })
+            .await
+        } else if meta.executed_and_mark_deleted && !meta.one_shot {
+            retry(|| reg.put_tombstone(ns, &meta.name)).await
+        } else {
+            Ok(())
+        };
+        if let Err(err) = after {
+            tracing::error!(task = %meta.name, %err, "could not apply the task's after-run flags");
+            self.report(&meta, &err);
+        }
+    }
+
+    fn report(&self, meta: &TaskMeta, err: &Error) {
+        match &self.cfg.error_handler {
+            Some(handler) => {
+                if std::panic::catch_unwind(AssertUnwindSafe(|| handler(meta, err))).is_err() {
+                    tracing::error!(task = %meta.name, "the error handler panicked");
+                }
+            }
+            None => tracing::error!(task = %meta.name, %err, "task run failed"),
+        }
+    }
+}
+
+/// Retries a registry write a few times with short backoff.
+async fn retry<F, Fut>(mut op: F) -> crate::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = crate::Result<()>>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut last = None;
+    for _ in 0..4 {
+        match op().await {
+            Ok(()) => return Ok(()),
+            Err(err) => last = Some(err),
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    Err(last.unwrap_or_else(|| Error::registry_msg("engine", "retry gave up")))
+}
+
+/// Counts a run in flight; decrements on drop, even after a panic.
+struct RunGuard {
+    engine: Arc<Engine>,
+    task: Arc<AtomicUsize>,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        self.task.fetch_sub(1, Ordering::SeqCst);
+        if self.engine.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.engine.idle.notify_waiters();
+        }
+    }
+}
+
+/// Turns a panic while polling the inner future into `Err(message)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Poll::Ready(Err(message))
+            }
+        }
+    }
+}
+
+impl State {
+    fn live(&self, fire: Fire) -> Option<&Entry> {
+        self.slots
+            .get(fire.slot as usize)?
+            .as_ref()
+            .filter(|e| e.generation == fire.generation)
+    }
+
+    fn push(&mut self, due: i64, fire: Fire) {
+        self.queue.entry(due).or_default().push(fire);
+    }
+
+    fn insert(&mut self, name: Arc<str>, job: Job, next: Option<i64>) {
+        self.generation += 1;
+        let entry = Entry {
+            job,
+            generation: self.generation,
+            running: Arc::new(AtomicUsize::new(0)),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                self.slots.push(Some(entry));
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.index.insert(name, slot);
+        if let Some(next) = next {
+            let fire = Fire {
+                slot,
+                generation: self.generation,
+                fire_time: next,
+                regular: true,
+                attempt: 0,
+            };
+            self.push(next, fire);
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(slot) = self.index.remove(name) {
+            // Queued fires for this slot become stale (generation mismatch).
+            self.slots[slot as usize] = None;
+            self.free.push(slot);
+        }
+    }
+
+    /// Takes every fire due at `now`; otherwise says how long to wait.
+    fn take_due(&mut self, now: i64) -> (Vec<Fire>, Option<i64>) {
+        let mut batch = Vec::new();
+        while let Some(entry) = self.queue.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            let mut fires = entry.remove();
+            if batch.is_empty() {
+                batch = fires;
+            } else {
+                batch.append(&mut fires);
+            }
+        }
+        let wait = self.queue.keys().next().map(|due| due - now);
+        (batch, wait)
+    }
+}

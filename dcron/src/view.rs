@@ -1,0 +1,144 @@
+//! What a node knows of the cluster, and who owns which task in it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::node::{Node, NodeStatus};
+use crate::strategy::Assigner;
+use crate::task::TaskMeta;
+
+/// The registry's content as last seen by a node.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct View {
+    pub nodes: BTreeMap<String, Node>,
+    pub tasks: BTreeMap<String, Arc<TaskMeta>>,
+    pub tombstones: BTreeSet<String>,
+}
+
+/// Who owns each live (not tombstoned) task: task name → owner node id.
+///
+/// Only `working` nodes own tasks. A dynamic task may go to any of them; a
+/// static task only to the working nodes that define it. Tasks with the
+/// same set of eligible nodes are assigned together, so strategies that
+/// look at the whole task list (Range, RoundRobin) see a consistent one.
+/// When a name is both static and dynamic, the static definition wins.
+pub(crate) fn assign<'v>(view: &'v View, assigner: &dyn Assigner) -> BTreeMap<&'v str, &'v str> {
+    let working: Vec<&Node> = view
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Working)
+        .collect();
+    let mut owners = BTreeMap::new();
+    if working.is_empty() {
+        return owners;
+    }
+    // Static task name → indices (into `working`) of the nodes defining it.
+    let mut definers: HashMap<&str, Vec<u32>> = HashMap::new();
+    for (i, node) in working.iter().enumerate() {
+        for name in &node.static_tasks {
+            if !view.tombstones.contains(name) {
+                definers.entry(name).or_default().push(i as u32);
+            }
+        }
+    }
+    // Eligible node set → its tasks. The empty key means "every working node".
+    let mut groups: HashMap<Vec<u32>, Vec<&str>> = HashMap::new();
+    for name in view.tasks.keys() {
+        if !view.tombstones.contains(name) && !definers.contains_key(name.as_str()) {
+            groups.entry(Vec::new()).or_default().push(name);
+        }
+    }
+    for (name, nodes) in definers {
+        let key = if nodes.len() == working.len() { Vec::new() } else { nodes };
+        groups.entry(key).or_default().push(name);
+    }
+    for (key, mut tasks) in groups {
+        tasks.sort_unstable();
+        let members: Vec<&Node> = if key.is_empty() {
+            working.clone()
+        } else {
+            key.iter().map(|&i| working[i as usize]).collect()
+        };
+        // Assigners see nodes without their (possibly long) task lists.
+        let light: Vec<Node> = members
+            .iter()
+            .map(|n| Node {
+                static_tasks: Vec::new(),
+                ..Node::clone_header(n)
+            })
+            .collect();
+        let picks = assigner.assign(&light, &tasks);
+        for (task, pick) in tasks.into_iter().zip(picks) {
+            if let Some(owner) = members.get(pick) {
+                owners.insert(task, owner.id.as_str());
+            }
+        }
+    }
+    owners
+}
+
+impl Node {
+    /// A copy without the static task list.
+    fn clone_header(&self) -> Node {
+        Node {
+            id: self.id.clone(),
+            ip: self.ip.clone(),
+            hostname: self.hostname.clone(),
+            last_alive: self.last_alive,
+            create_time: self.create_time,
+            status: self.status,
+            weight: self.weight,
+            static_tasks: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Strategy;
+
+    fn node(id: &str, status: NodeStatus, statics: &[&str]) -> Node {
+        Node {
+            id: id.into(),
+            ip: String::new(),
+            hostname: String::new(),
+            last_alive: 0,
+            create_time: 0,
+            status,
+            weight: 1,
+            static_tasks: statics.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_working_definers_own_static_tasks() {
+        let mut view = View::default();
+        for n in [
+            node("a", NodeStatus::Working, &["s1", "both"]),
+            node("b", NodeStatus::Working, &["both"]),
+            node("c", NodeStatus::Starting, &["s1", "s3"]),
+        ] {
+            view.nodes.insert(n.id.clone(), n);
+        }
+        view.tasks.insert("d1".into(), Arc::new(TaskMeta::new("d1", "* * * * *")));
+        view.tasks.insert("gone".into(), Arc::new(TaskMeta::new("gone", "* * * * *")));
+        view.tombstones.insert("gone".into());
+        for strategy in Strategy::ALL {
+            let owners = assign(&view, &strategy);
+            assert_eq!(owners.get("s1"), Some(&"a"), "{strategy:?}");
+            assert!(!owners.contains_key("s3"), "no working node defines s3");
+            assert!(!owners.contains_key("gone"), "tombstoned");
+            assert!(matches!(owners.get("both"), Some(&"a") | Some(&"b")));
+            assert!(matches!(owners.get("d1"), Some(&"a") | Some(&"b")));
+        }
+    }
+
+    #[test]
+    fn nobody_working_owns_nothing() {
+        let mut view = View::default();
+        view.nodes.insert("a".into(), node("a", NodeStatus::Leaving, &["s"]));
+        view.tasks.insert("d".into(), Arc::new(TaskMeta::new("d", "* * * * *")));
+        assert!(assign(&view, &Strategy::Consistent).is_empty());
+    }
+}

@@ -1,0 +1,474 @@
+//! The etcd registry against the conformance suite, plus fault tests on a
+//! three-member etcd cluster of its own (ports 17400-17599).
+#![cfg(feature = "etcd")]
+
+mod conformance;
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dcron::registry::{Claim, EtcdRegistry, RawKind, Registry, WatchEvent};
+use dcron::{Node, NodeStatus, TaskMeta};
+use tokio::time::Instant;
+
+/// Reaches the shared etcd server named by `DCRON_ETCD_ENDPOINTS`.
+struct Etcd {
+    endpoints: String,
+}
+
+impl Etcd {
+    /// `None` (test skipped) when the server is not configured.
+    fn from_env() -> Option<Self> {
+        support::service_env("DCRON_ETCD_ENDPOINTS").map(|endpoints| Etcd { endpoints })
+    }
+
+    async fn connect(&self) -> EtcdRegistry {
+        EtcdRegistry::connect([self.endpoints.as_str()])
+            .await
+            .expect("connect to etcd")
+    }
+}
+
+impl conformance::Harness for Etcd {
+    async fn registry(&self) -> Arc<dyn Registry> {
+        Arc::new(self.connect().await)
+    }
+
+    async fn write_raw(&self, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
+        let registry = self.connect().await;
+        let mut client = registry.client().clone();
+        let dir = match kind {
+            RawKind::Node => "nodes",
+            RawKind::Task => "tasks",
+            RawKind::Tombstone => "deleted",
+            RawKind::Claim => "claims",
+        };
+        let options = if kind == RawKind::Node {
+            // A foreign node entry lives for ten minutes, as one from a live node would.
+            let lease = client.lease_grant(600, None).await.expect("lease").id();
+            Some(etcd_client::PutOptions::new().with_lease(lease))
+        } else {
+            None
+        };
+        client
+            .put(format!("/{ns}/{dir}/{name}"), raw, options)
+            .await
+            .expect("raw put");
+    }
+
+    fn short_ttl(&self) -> Duration {
+        // etcd's minimum lease TTL with the default election timeout.
+        Duration::from_secs(2)
+    }
+}
+
+conformance::suite!(match Etcd::from_env() {
+    Some(harness) => harness,
+    None => return,
+});
+
+fn node(id: &str) -> Node {
+    conformance::node(id, NodeStatus::Working)
+}
+
+async fn ids(r: &EtcdRegistry, ns: &str) -> Vec<String> {
+    r.nodes(ns).await.expect("nodes").into_iter().map(|n| n.id).collect()
+}
+
+fn claim(fire_time: i64, node: &str) -> Claim {
+    Claim {
+        fire_time,
+        node: node.to_string(),
+        claimed_at: fire_time + 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_cluster_fails_fast_with_a_clear_error() {
+    conformance::init_tracing();
+    // Nothing listens on this port (in our range, never started).
+    let started = Instant::now();
+    let err = EtcdRegistry::builder(["http://127.0.0.1:17599"])
+        .connect_timeout(Duration::from_millis(500))
+        .request_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect_err("nothing listens there");
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:17599"), "error names the endpoint: {text}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    let err = EtcdRegistry::connect(Vec::<String>::new())
+        .await
+        .expect_err("no endpoints");
+    assert!(matches!(err, dcron::Error::InvalidConfig(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_revision_resyncs_and_continues() {
+    conformance::init_tracing();
+    let Some(h) = Etcd::from_env() else { return };
+    let r = h.connect().await;
+    let ns = conformance::fresh_ns("compact");
+    let first = r.revision().await.expect("revision");
+    for name in ["old-1", "old-2"] {
+        r.put_task(&ns, &TaskMeta::new(name, "* * * * *"), false)
+            .await
+            .expect("put");
+    }
+    let now = r.revision().await.expect("revision");
+    r.client()
+        .clone()
+        .compact(now, None)
+        .await
+        .expect("compact");
+    // Resuming from before the compaction: the feed resyncs, then goes on.
+    let mut rx = r.watch_from(&ns, first).await.expect("watch");
+    conformance::expect_event(&mut rx, Duration::from_secs(15), "Resync", |e| {
+        *e == WatchEvent::Resync
+    })
+    .await;
+    let meta = TaskMeta::new("new", "* * * * *");
+    r.put_task(&ns, &meta, false).await.expect("put");
+    conformance::expect_event(&mut rx, Duration::from_secs(15), "TaskPut after resync", |e| {
+        *e == WatchEvent::TaskPut(meta.clone())
+    })
+    .await;
+    r.clear(&ns).await.expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_the_receiver_is_dropped() {
+    conformance::init_tracing();
+    let Some(h) = Etcd::from_env() else { return };
+    let r = h.connect().await;
+    let ns = conformance::fresh_ns("drop-watch");
+    let rx = r.watch(&ns).await.expect("watch");
+    drop(rx);
+    // Writes after the drop must not fail or block on the dead feed.
+    for i in 0..10 {
+        r.put_task(&ns, &TaskMeta::new(format!("t{i}"), "* * * * *"), false)
+            .await
+            .expect("put");
+    }
+    r.clear(&ns).await.expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_node_keeps_the_lease() {
+    conformance::init_tracing();
+    let Some(h) = Etcd::from_env() else { return };
+    let r = h.connect().await;
+    let observer = h.connect().await;
+    let ns = conformance::fresh_ns("keep-lease");
+    let ttl = Duration::from_secs(2);
+    let mut a = node("node-a");
+    a.status = NodeStatus::Starting;
+    r.register(&ns, &a, ttl).await.expect("register");
+    a.status = NodeStatus::Working;
+    assert!(r.update_node(&ns, &a).await.expect("update"));
+    let mut rx = observer.watch(&ns).await.expect("watch");
+    // No heartbeats after the update: the rewritten record still expires.
+    conformance::expect_event(&mut rx, Duration::from_secs(10), "NodeDelete", |e| {
+        *e == WatchEvent::NodeDelete("node-a".into())
+    })
+    .await;
+    assert!(!r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"));
+    assert!(!r.update_node(&ns, &a).await.expect("update after expiry"));
+    assert!(ids(&observer, &ns).await.is_empty(), "update must not resurrect");
+}
+
+// ---------------------------------------------------------------------------
+// Fault tests on a three-member cluster of our own.
+
+/// A throw-away three-member etcd cluster on `base..base+2`.
+struct Cluster {
+    server: support::Server,
+    _dir: support::ScratchDir,
+    ports: Vec<u16>,
+}
+
+impl Cluster {
+    fn start(name: &str, base: u16) -> Self {
+        let dir = support::ScratchDir::new(name);
+        let server = support::Server::start(&["etcd-cluster", &base.to_string(), dir.path()]);
+        assert_eq!(server.pids.len(), 3, "etcd-cluster prints three pids: {:?}", server.pids);
+        Cluster {
+            server,
+            _dir: dir,
+            ports: vec![base, base + 1, base + 2],
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    async fn registry(&self) -> EtcdRegistry {
+        EtcdRegistry::builder(self.endpoints())
+            .request_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .expect("connect to the cluster")
+    }
+
+    /// Index of the current leader, as `services.sh leader-etcd` reports it.
+    fn leader(&self) -> usize {
+        let out = support::services(&["leader-etcd", &self.endpoints().join(",")]);
+        self.ports
+            .iter()
+            .position(|p| out.contains(&format!(":{p}")))
+            .or_else(|| self.server.pids.iter().position(|pid| out.split_whitespace().any(|w| w == pid)))
+            .unwrap_or_else(|| panic!("cannot tell the leader from `services.sh leader-etcd` output {out:?}"))
+    }
+
+    /// SIGKILLs the leader; returns its index.
+    fn kill_leader(&self) -> usize {
+        let leader = self.leader();
+        self.server.kill_pid(&self.server.pids[leader]);
+        leader
+    }
+}
+
+/// One round of claims: every claimer claims every task for `fire_time`
+/// concurrently. Returns, per task, the winners and whether any claimer
+/// got an error for it.
+async fn claim_round(
+    claimers: &[EtcdRegistry],
+    ns: &str,
+    tasks: &[String],
+    fire_time: i64,
+) -> (Vec<usize>, bool) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(claimers.len()));
+    let mut joins = Vec::new();
+    for (i, r) in claimers.iter().enumerate() {
+        let (r, ns, tasks, barrier) = (r.clone(), ns.to_string(), tasks.to_vec(), barrier.clone());
+        joins.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let names: Vec<&str> = tasks.iter().map(String::as_str).collect();
+            let me = format!("claimer-{i}");
+            if i % 2 == 0 {
+                r.claim_many(&ns, &names, &claim(fire_time, &me)).await
+            } else {
+                let mut won = Vec::new();
+                for name in names.iter().rev() {
+                    won.push(r.claim(&ns, name, &claim(fire_time, &me)).await?);
+                }
+                won.reverse();
+                Ok(won)
+            }
+        }));
+    }
+    let mut winners = vec![0usize; tasks.len()];
+    let mut errors = false;
+    for j in joins {
+        match j.await.expect("claimer must not panic") {
+            Ok(won) => {
+                for (t, w) in won.into_iter().enumerate() {
+                    winners[t] += usize::from(w);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "claim failed during the fault");
+                errors = true;
+            }
+        }
+    }
+    (winners, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_claims_keep_one_winner() {
+    conformance::init_tracing();
+    if support::service_env("DCRON_ETCD_ENDPOINTS").is_none() {
+        return;
+    }
+    let cluster = Cluster::start("etcd-leader-claims", 17400);
+    let ns = conformance::fresh_ns("leader-kill");
+    let mut claimers = Vec::new();
+    for _ in 0..4 {
+        claimers.push(cluster.registry().await);
+    }
+    let tasks: Vec<String> = (0..10).map(|i| format!("task-{i}")).collect();
+    // A node heartbeating through the fault, and a watcher.
+    let member = cluster.registry().await;
+    let ttl = Duration::from_secs(6);
+    member.register(&ns, &node("survivor"), ttl).await.expect("register");
+    let watcher = cluster.registry().await;
+    let mut rx = watcher.watch(&ns).await.expect("watch");
+
+    let mut fire_time = 1_000_i64;
+    for _ in 0..5 {
+        fire_time += 1_000;
+        let (winners, errors) = claim_round(&claimers, &ns, &tasks, fire_time).await;
+        assert!(!errors, "no errors before the fault");
+        assert!(winners.iter().all(|&w| w == 1), "fire {fire_time}: {winners:?}");
+    }
+    assert!(member.heartbeat(&ns, "survivor", ttl).await.expect("heartbeat"));
+
+    let killed = cluster.kill_leader();
+    let killed_at = Instant::now();
+    tracing::info!(killed, "leader killed");
+    // Keep claiming: never two winners; once the cluster has a new leader,
+    // every round is clean with exactly one winner per task.
+    let deadline = killed_at + Duration::from_secs(60);
+    let mut clean_streak = 0;
+    let mut rounds = 0;
+    let mut last_beat = Instant::now();
+    let mut first_clean = None;
+    while clean_streak < 10 {
+        assert!(Instant::now() < deadline, "no 10 clean rounds within 60 s of the kill");
+        fire_time += 1_000;
+        rounds += 1;
+        let (winners, errors) = claim_round(&claimers, &ns, &tasks, fire_time).await;
+        assert!(winners.iter().all(|&w| w <= 1), "fire {fire_time}: two winners {winners:?}");
+        if errors {
+            clean_streak = 0;
+        } else {
+            assert!(winners.iter().all(|&w| w == 1), "fire {fire_time}: no error yet no winner {winners:?}");
+            first_clean.get_or_insert_with(|| killed_at.elapsed());
+            clean_streak += 1;
+        }
+        if last_beat.elapsed() >= Duration::from_secs(1) {
+            // Errors are tolerated during the election, never a lost lease.
+            match member.heartbeat(&ns, "survivor", ttl).await {
+                Ok(alive) => assert!(alive, "the node's lease was lost in the fail-over"),
+                Err(err) => tracing::warn!(%err, "heartbeat failed during the fault"),
+            }
+            last_beat = Instant::now();
+        }
+    }
+    tracing::info!(rounds, first_clean = ?first_clean, "claims recovered after the leader kill");
+    eprintln!("leader kill: first clean claim round {first_clean:?} after the kill, {rounds} rounds");
+    assert!(member.heartbeat(&ns, "survivor", ttl).await.expect("heartbeat after the fault"));
+    assert!(ids(&watcher, &ns).await.contains(&"survivor".to_string()));
+    let claims: BTreeMap<String, Claim> = claimers[0].claims(&ns).await.expect("claims").into_iter().collect();
+    assert_eq!(claims.len(), tasks.len());
+    assert!(claims.values().all(|c| c.fire_time == fire_time));
+
+    // The watch survived the fault too (it may have reconnected, with a Resync).
+    let meta = TaskMeta::new("after-fault", "* * * * *");
+    claimers[1].put_task(&ns, &meta, false).await.expect("put");
+    conformance::expect_event(&mut rx, Duration::from_secs(20), "TaskPut after the fault", |e| {
+        *e == WatchEvent::TaskPut(meta.clone())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_lease_expires_on_a_cluster() {
+    conformance::init_tracing();
+    if support::service_env("DCRON_ETCD_ENDPOINTS").is_none() {
+        return;
+    }
+    let cluster = Cluster::start("etcd-abandoned", 17500);
+    let ns = conformance::fresh_ns("abandoned");
+    let watcher = cluster.registry().await;
+    let mut rx = watcher.watch(&ns).await.expect("watch");
+    let ttl = Duration::from_secs(3);
+    {
+        // A dcron node that dies without a word: no more heartbeats, its
+        // client gone.
+        let doomed = cluster.registry().await;
+        doomed.register(&ns, &node("doomed"), ttl).await.expect("register");
+        assert!(doomed.heartbeat(&ns, "doomed", ttl).await.expect("heartbeat"));
+    }
+    let crashed_at = Instant::now();
+    conformance::expect_event(&mut rx, Duration::from_secs(15), "NodePut", |e| {
+        matches!(e, WatchEvent::NodePut(n) if n.id == "doomed")
+    })
+    .await;
+    conformance::expect_event(&mut rx, ttl * 3 + Duration::from_secs(2), "NodeDelete", |e| {
+        *e == WatchEvent::NodeDelete("doomed".into())
+    })
+    .await;
+    let took = crashed_at.elapsed();
+    eprintln!("abandoned lease of {ttl:?}: NodeDelete after {took:?}");
+    assert!(took >= ttl - Duration::from_millis(200), "expired before its TTL: {took:?}");
+    assert!(!ids(&watcher, &ns).await.contains(&"doomed".to_string()));
+
+    // The same after the leader is killed: leases are extended by a new
+    // leader, but still expire.
+    cluster.kill_leader();
+    let doomed = cluster.registry().await;
+    let registered = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match doomed.register(&ns, &node("doomed-2"), ttl).await {
+                Ok(()) => break Instant::now(),
+                Err(err) if Instant::now() < deadline => {
+                    tracing::warn!(%err, "register during the election");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("cannot register after the leader kill: {err}"),
+            }
+        }
+    };
+    drop(doomed);
+    conformance::expect_event(&mut rx, Duration::from_secs(30), "NodeDelete after the leader kill", |e| {
+        *e == WatchEvent::NodeDelete("doomed-2".into())
+    })
+    .await;
+    eprintln!("after a leader kill: NodeDelete {:?} after the last registration", registered.elapsed());
+}
+
+/// Claim throughput against the shared server: `cargo test --features etcd
+/// --test etcd -- --ignored --nocapture claim_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints claims/s"]
+async fn claim_throughput() {
+    let Some(h) = Etcd::from_env() else { return };
+    let r = h.connect().await;
+    let ns = conformance::fresh_ns("bench");
+    const TASKS: usize = 100;
+    const ROUNDS: i64 = 20;
+    let names: Vec<String> = (0..TASKS).map(|i| format!("task-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+
+    // First claims (keys absent), then steady state (one node, one owner).
+    let started = Instant::now();
+    for name in &refs {
+        assert!(r.claim(&ns, name, &claim(1, "n")).await.expect("claim"));
+    }
+    let first = TASKS as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        for name in &refs {
+            assert!(r.claim(&ns, name, &claim(10 + round, "n")).await.expect("claim"));
+        }
+    }
+    let sequential = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let won = r.claim_many(&ns, &refs, &claim(100 + round, "n")).await.expect("claim_many");
+        assert!(won.iter().all(|w| *w));
+    }
+    let batched = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
+
+    // A fresh client (no remembered revisions): two round trips per claim.
+    let cold = h.connect().await;
+    let started = Instant::now();
+    for name in &refs {
+        assert!(cold.claim(&ns, name, &claim(1_000, "m")).await.expect("claim"));
+    }
+    let cold_rate = TASKS as f64 / started.elapsed().as_secs_f64();
+
+    // Losing claims (another node already has the fire time).
+    let started = Instant::now();
+    for name in &refs {
+        assert!(!cold.claim(&ns, name, &claim(1_000, "x")).await.expect("claim"));
+    }
+    let losing = TASKS as f64 / started.elapsed().as_secs_f64();
+
+    eprintln!(
+        "etcd claims/s: first {first:.0}, sequential steady {sequential:.0}, \
+         claim_many({TASKS}) {batched:.0}, cold client {cold_rate:.0}, losing {losing:.0}"
+    );
+    r.clear(&ns).await.expect("clear");
+}
