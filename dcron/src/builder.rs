@@ -39,6 +39,7 @@ pub struct Builder {
     pub(crate) registry: Arc<dyn Registry>,
     pub(crate) namespace: String,
     pub(crate) assigner: Arc<dyn Assigner>,
+    pub(crate) strategy_name: String,
     pub(crate) node_id: Option<String>,
     pub(crate) ip: Option<String>,
     pub(crate) weight: u32,
@@ -61,6 +62,7 @@ impl Builder {
             registry,
             namespace: DEFAULT_NAMESPACE.to_string(),
             assigner: Arc::new(Strategy::Consistent),
+            strategy_name: Strategy::Consistent.to_string(),
             node_id: None,
             ip: None,
             weight: 1,
@@ -89,12 +91,14 @@ impl Builder {
     /// Every node of a namespace must use the same one.
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         self.assigner = Arc::new(strategy);
+        self.strategy_name = strategy.to_string();
         self
     }
 
     /// A custom assignment.
     pub fn assigner(mut self, assigner: impl Assigner) -> Self {
         self.assigner = Arc::new(assigner);
+        self.strategy_name = "custom".to_string();
         self
     }
 

@@ -75,6 +75,7 @@ struct Inner {
 }
 
 struct State {
+    /// This node's record, without its static task list (see `record`).
     me: Node,
     statics: BTreeMap<String, Job>,
     /// The static task list changed since it was last published.
@@ -83,6 +84,16 @@ struct State {
     /// Whether `view.tombstones` reflects the registry (it does once loaded).
     tombstones_known: bool,
     schedules: HashMap<String, Weak<Schedule>>,
+}
+
+impl State {
+    /// This node's record as published, static task list included.
+    fn record(&self) -> Node {
+        Node {
+            static_tasks: self.statics.keys().cloned().collect(),
+            ..self.me.clone()
+        }
+    }
 }
 
 struct Running {
@@ -116,6 +127,7 @@ impl Dcron {
             create_time: 0,
             status: NodeStatus::Starting,
             weight: b.weight,
+            strategy: Some(b.strategy_name.clone()),
             static_tasks: Vec::new(),
         };
         let engine = Engine::new(EngineConfig {
@@ -345,9 +357,8 @@ impl Dcron {
             st.me.status = NodeStatus::Starting;
             st.me.create_time = now;
             st.me.last_alive = now;
-            st.me.static_tasks = st.statics.keys().cloned().collect();
             st.publish_statics = false;
-            st.me.clone()
+            st.record()
         };
         inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
         let watch = match inner.call("watch", inner.registry.watch(&inner.ns)).await {
@@ -364,7 +375,7 @@ impl Dcron {
         let record = {
             let mut st = inner.lock();
             st.me.status = NodeStatus::Working;
-            st.me.clone()
+            st.record()
         };
         if !inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await? {
             inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
@@ -396,7 +407,7 @@ impl Dcron {
         let record = {
             let mut st = inner.lock();
             st.me.status = NodeStatus::Leaving;
-            st.me.clone()
+            st.record()
         };
         if let Err(err) = inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await {
             tracing::warn!(%err, "could not publish `leaving`; others take over after the TTL");
@@ -479,6 +490,23 @@ async fn no_task_handler(ctx: TaskContext) -> TaskResult {
     .into())
 }
 
+/// Parses `cron`, sharing one parsed schedule between equal expressions.
+fn schedule_in(
+    cache: &mut HashMap<String, Weak<Schedule>>,
+    cron: &str,
+    timezone: chrono_tz::Tz,
+) -> Result<Arc<Schedule>> {
+    if let Some(s) = cache.get(cron).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    let schedule = Arc::new(Schedule::parse(cron, timezone)?);
+    if cache.len() >= 1024 {
+        cache.retain(|_, s| s.strong_count() > 0);
+    }
+    cache.insert(cron.to_string(), Arc::downgrade(&schedule));
+    Ok(schedule)
+}
+
 /// The address of the interface used for outbound traffic (no packet is
 /// sent), or 127.0.0.1.
 fn local_ip() -> String {
@@ -510,16 +538,7 @@ impl Inner {
 
     /// Parses `cron`, sharing one parsed schedule between equal expressions.
     fn schedule(&self, cron: &str) -> Result<Arc<Schedule>> {
-        if let Some(s) = self.lock().schedules.get(cron).and_then(Weak::upgrade) {
-            return Ok(s);
-        }
-        let schedule = Arc::new(Schedule::parse(cron, self.timezone)?);
-        let mut st = self.lock();
-        if st.schedules.len() > 1024 && st.schedules.len() > 2 * st.statics.len() {
-            st.schedules.retain(|_, s| s.strong_count() > 0);
-        }
-        st.schedules.insert(cron.to_string(), Arc::downgrade(&schedule));
-        Ok(schedule)
+        schedule_in(&mut self.lock().schedules, cron, self.timezone)
     }
 
     fn check_meta(&self, meta: &TaskMeta) -> Result<()> {
@@ -564,7 +583,11 @@ impl Inner {
     fn apply(&self, event: WatchEvent) {
         let mut st = self.lock();
         let out = match event {
-            WatchEvent::NodePut(node) => {
+            WatchEvent::NodePut(mut node) => {
+                if node.id == st.me.id {
+                    // Our own static tasks are known locally; don't keep a copy.
+                    node.static_tasks = Vec::new();
+                }
                 let ev = match st.view.nodes.get(&node.id) {
                     None => Some(NodeEvent::Put(node.clone())),
                     Some(old) if *old != node => Some(NodeEvent::Changed(node.clone())),
@@ -644,7 +667,6 @@ impl Inner {
             self.apply(WatchEvent::TombstonePut(name));
         }
         self.lock().tombstones_known = true;
-        self.dirty.notify_one();
         Ok(())
     }
 
@@ -653,45 +675,36 @@ impl Inner {
     async fn reconcile(&self) {
         let (jobs, publish) = {
             let mut st = self.lock();
-            let me = st.me.clone();
-            // Our own record as we know it now (the registry's copy may lag).
-            let mut mine = me.clone();
-            mine.static_tasks = st.statics.keys().cloned().collect();
-            let registered = st.view.nodes.contains_key(&me.id);
-            let mut view = std::mem::take(&mut st.view);
-            let saved = if registered {
-                view.nodes.insert(me.id.clone(), mine.clone())
-            } else {
-                None
-            };
-            let owned: Vec<String> = view::assign(&view, &*self.assigner)
-                .into_iter()
-                .filter(|(_, owner)| *owner == me.id)
-                .map(|(task, _)| task.to_string())
-                .collect();
-            let mut jobs = Vec::with_capacity(owned.len());
-            for name in owned {
-                if let Some(job) = st.statics.get(&name) {
+            let st = &mut *st;
+            let me = st.me.id.as_str();
+            // Our own static tasks as we know them now (the registry's copy may lag).
+            let local: Vec<&str> = st.statics.keys().map(String::as_str).collect();
+            let mut jobs = Vec::new();
+            let mut invalid = Vec::new();
+            for (name, owner) in view::assign(&st.view, Some((me, local)), &*self.assigner) {
+                if owner != me {
+                    continue;
+                }
+                if let Some(job) = st.statics.get(name) {
                     jobs.push(job.clone());
-                } else if let Some(meta) = view.tasks.get(&name) {
-                    match self.schedule_locked(&mut st, &meta.cron_format) {
+                } else if let Some(meta) = st.view.tasks.get(name) {
+                    match schedule_in(&mut st.schedules, &meta.cron_format, self.timezone) {
                         Ok(schedule) => jobs.push(Job {
                             meta: meta.clone(),
                             schedule,
                             body: self.task_handler.clone(),
                         }),
-                        Err(err) => tracing::warn!(task = %name, %err, "skipping dynamic task with an invalid schedule"),
+                        Err(err) => invalid.push((name.to_string(), err)),
                     }
                 }
             }
-            if let Some(old) = saved {
-                view.nodes.insert(old.id.clone(), old);
+            for (task, err) in invalid {
+                tracing::warn!(%task, %err, "skipping dynamic task with an invalid schedule");
             }
-            st.view = view;
+            let registered = st.view.nodes.contains_key(&st.me.id);
             let publish = (st.publish_statics && registered).then(|| {
                 st.publish_statics = false;
-                st.me.static_tasks = mine.static_tasks.clone();
-                st.me.clone()
+                st.record()
             });
             (jobs, publish)
         };
@@ -704,10 +717,6 @@ impl Inner {
                 }
             }
         }
-        let schedules: HashMap<String, Arc<Schedule>> = jobs
-            .iter()
-            .map(|j| (j.meta.name.clone(), j.schedule.clone()))
-            .collect();
         let added = self.engine.set_jobs(jobs);
         if added.is_empty() {
             return;
@@ -726,8 +735,8 @@ impl Inner {
         };
         let now = self.clock.now_ms();
         let window = self.catch_up.window_ms();
-        for name in added {
-            let (Some(claim), Some(schedule)) = (claims.get(&*name), schedules.get(&*name)) else {
+        for (name, schedule) in added {
+            let Some(claim) = claims.get(&name) else {
                 continue;
             };
             if let Some(latest) = schedule.latest_at_or_before(now) {
@@ -739,22 +748,12 @@ impl Inner {
         }
     }
 
-    fn schedule_locked(&self, st: &mut State, cron: &str) -> Result<Arc<Schedule>> {
-        if let Some(s) = st.schedules.get(cron).and_then(Weak::upgrade) {
-            return Ok(s);
-        }
-        let schedule = Arc::new(Schedule::parse(cron, self.timezone)?);
-        st.schedules.insert(cron.to_string(), Arc::downgrade(&schedule));
-        Ok(schedule)
-    }
-
     /// Re-registers after the registry lost this node.
     async fn reregister(&self) -> Result<()> {
         let record = {
             let mut st = self.lock();
-            st.me.static_tasks = st.statics.keys().cloned().collect();
             st.publish_statics = false;
-            st.me.clone()
+            st.record()
         };
         self.call("register", self.registry.register(&self.ns, &record, self.ttl)).await?;
         self.apply(WatchEvent::NodePut(record));

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::registry::{Claim, Registry};
 use crate::schedule::Schedule;
-use crate::task::{Task, TaskContext, TaskMeta};
+use crate::task::{Task, TaskContext, TaskMeta, TaskResult};
 
 /// What to do with a fire that comes while the previous run of the same
 /// task still runs on this node.
@@ -98,13 +98,15 @@ pub(crate) struct Engine {
     wake: Notify,
     running: AtomicUsize,
     idle: Notify,
+    /// Recent cost of one claim in a batch, nanoseconds (moving average).
+    claim_ns: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
-    index: HashMap<Arc<str>, u32>,
+    index: HashMap<Name, u32>,
     /// Due time (epoch ms) → fires due then.
     queue: BTreeMap<i64, Vec<Fire>>,
     generation: u64,
@@ -114,7 +116,45 @@ struct State {
 struct Entry {
     job: Job,
     generation: u64,
-    running: Arc<AtomicUsize>,
+    runnable: Arc<Runnable>,
+}
+
+/// What a due fire needs outside the lock: one reference-count bump.
+struct Runnable {
+    meta: Arc<TaskMeta>,
+    body: Arc<dyn Task>,
+    /// Runs of this task in flight on this node (for the overlap policy).
+    running: AtomicUsize,
+}
+
+/// A won-or-to-claim fire taken out of the queue.
+struct Ready {
+    fire_time: i64,
+    runnable: Arc<Runnable>,
+}
+
+/// Index key: the task name, borrowed from the entry's definition.
+#[derive(Clone)]
+struct Name(Arc<TaskMeta>);
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state)
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Name {}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -129,6 +169,8 @@ struct Fire {
 
 /// Longest pause between claim retries after registry errors.
 const MAX_RETRY_PAUSE_MS: i64 = 5_000;
+/// Longest claim lead: claims are never taken further ahead than this.
+const MAX_LEAD_MS: i64 = 200;
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Arc<Engine> {
@@ -138,6 +180,7 @@ impl Engine {
             wake: Notify::new(),
             running: AtomicUsize::new(0),
             idle: Notify::new(),
+            claim_ns: AtomicU64::new(1_000),
         })
     }
 
@@ -150,44 +193,42 @@ impl Engine {
     /// Names of the tasks currently scheduled here.
     pub fn owned(&self) -> Vec<String> {
         let st = self.lock();
-        let mut names: Vec<String> = st.index.keys().map(|n| n.to_string()).collect();
+        let mut names: Vec<String> = st.index.keys().map(|n| n.0.name.clone()).collect();
         names.sort();
         names
     }
 
     /// Makes the engine schedule exactly `jobs` (by name): new ones are
     /// queued from now, changed ones are replaced, missing ones dropped.
-    /// Returns the names that were not scheduled before.
-    pub fn set_jobs(&self, jobs: Vec<Job>) -> Vec<Arc<str>> {
+    /// Returns the names and schedules of the jobs not scheduled before.
+    pub fn set_jobs(&self, jobs: Vec<Job>) -> Vec<(String, Arc<Schedule>)> {
         let now = self.cfg.clock.now_ms();
         let mut st = self.lock();
-        let mut keep: HashMap<Arc<str>, Job> = jobs
-            .into_iter()
-            .map(|j| (Arc::<str>::from(j.meta.name.as_str()), j))
-            .collect();
-        let stale: Vec<Arc<str>> = st
+        let wanted: HashMap<&str, &Job> = jobs.iter().map(|j| (j.meta.name.as_str(), j)).collect();
+        let stale: Vec<String> = st
             .index
             .iter()
-            .filter(|(name, &slot)| match (keep.get(*name), &st.slots[slot as usize]) {
+            .filter(|(name, &slot)| match (wanted.get(name.0.name.as_str()), &st.slots[slot as usize]) {
                 (Some(job), Some(entry)) => !entry.job.same_as(job),
                 _ => true,
             })
-            .map(|(name, _)| name.clone())
+            .map(|(name, _)| name.0.name.clone())
             .collect();
+        drop(wanted);
         for name in &stale {
             st.remove(name);
         }
         let mut added = Vec::new();
         let mut next_cache: HashMap<usize, Option<i64>> = HashMap::new();
-        for (name, job) in keep.drain() {
-            if st.index.contains_key(&name) {
+        for job in jobs {
+            if st.index.contains_key(job.meta.name.as_str()) {
                 continue;
             }
             let next = *next_cache
                 .entry(Arc::as_ptr(&job.schedule) as *const () as usize)
                 .or_insert_with(|| job.schedule.next_after(now));
-            st.insert(name.clone(), job, next);
-            added.push(name);
+            added.push((job.meta.name.clone(), job.schedule.clone()));
+            st.insert(job, next);
         }
         drop(st);
         self.wake.notify_one();
@@ -253,6 +294,10 @@ impl Engine {
     }
 
     /// The timer loop. Ends after `stop`.
+    ///
+    /// A batch is taken out of the queue a little before its fire time (the
+    /// claim lead, sized from how long recent claims took), claimed, and
+    /// run at the fire time, so claims don't delay the runs.
     pub async fn run(self: Arc<Self>) {
         loop {
             let now = self.cfg.clock.now_ms();
@@ -261,7 +306,8 @@ impl Engine {
                 if st.stopped {
                     return;
                 }
-                st.take_due(now)
+                let lead = st.queue.first_key_value().map_or(0, |(_, f)| self.lead_ms(f.len()));
+                st.take_due(now, lead)
             };
             if batch.is_empty() {
                 let notified = self.wake.notified();
@@ -281,56 +327,96 @@ impl Engine {
         }
     }
 
+    /// How long before its fire time a batch of `len` fires is claimed:
+    /// half again what claiming that many took recently, at most
+    /// [`MAX_LEAD_MS`].
+    fn lead_ms(&self, len: usize) -> i64 {
+        let ns = self.claim_ns.load(Ordering::Relaxed).saturating_mul(len as u64);
+        let ms = i64::try_from(ns.saturating_mul(3) / 2 / 1_000_000).unwrap_or(MAX_LEAD_MS);
+        (ms + 1).min(MAX_LEAD_MS)
+    }
+
     async fn fire_batch(self: &Arc<Self>, batch: Vec<Fire>, now: i64) {
-        // Reschedule, skip overlaps, and group the rest by fire time.
-        let mut groups: BTreeMap<i64, Vec<(Fire, Job, Arc<AtomicUsize>)>> = BTreeMap::new();
+        // Under the lock: reschedule, skip overlaps, take what to claim.
+        let mut ready = Vec::with_capacity(batch.len());
         {
             let mut st = self.lock();
             let mut next_cache: HashMap<(usize, i64), Option<i64>> = HashMap::new();
             for fire in batch {
                 let Some(entry) = st.live(fire) else { continue };
-                let job = entry.job.clone();
-                let running = entry.running.clone();
+                let runnable = entry.runnable.clone();
                 if fire.regular {
-                    let key = (Arc::as_ptr(&job.schedule) as *const () as usize, fire.fire_time);
+                    let schedule = &entry.job.schedule;
+                    let key = (Arc::as_ptr(schedule) as *const () as usize, fire.fire_time);
                     let next = *next_cache
                         .entry(key)
-                        .or_insert_with(|| job.schedule.next_after(fire.fire_time.max(now - 1)));
+                        .or_insert_with(|| schedule.next_after(fire.fire_time.max(now - 1)));
                     if let Some(next) = next {
                         st.push(next, Fire { fire_time: next, attempt: 0, ..fire });
                     }
                 }
-                if self.cfg.overlap == Overlap::Skip && running.load(Ordering::SeqCst) > 0 {
-                    tracing::debug!(task = %job.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
+                if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
+                    tracing::debug!(task = %runnable.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
                     continue;
                 }
-                groups.entry(fire.fire_time).or_default().push((fire, job, running));
+                ready.push((fire, Ready { fire_time: fire.fire_time, runnable }));
             }
         }
-        for (fire_time, fires) in groups {
+        ready.sort_by_key(|(fire, _)| fire.fire_time);
+        self.claim_and_run(ready, now).await;
+    }
+
+    /// Claims each fire time's fires in one registry call and runs the won
+    /// ones at their fire time. Claiming ahead (by the claim lead) keeps
+    /// registry latency out of the runs' start times; the price is that a
+    /// node crashing inside that window loses the fires it claimed.
+    async fn claim_and_run(self: &Arc<Self>, fires: Vec<(Fire, Ready)>, now: i64) {
+        // Counts as a run in flight so `stop` waits for claimed fires.
+        let _busy = Busy::new(self.clone());
+        let mut rest = fires.as_slice();
+        while let Some((first, _)) = rest.first() {
+            let fire_time = first.fire_time;
+            let n = rest.iter().take_while(|(f, _)| f.fire_time == fire_time).count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
             let claim = Claim {
                 fire_time,
                 node: self.cfg.node_id.clone(),
                 claimed_at: now,
             };
-            let names: Vec<&str> = fires.iter().map(|(_, job, _)| job.meta.name.as_str()).collect();
+            let names: Vec<&str> = group.iter().map(|(_, r)| r.runnable.meta.name.as_str()).collect();
+            let started = std::time::Instant::now();
             let won = match self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim).await {
-                Ok(won) if won.len() == fires.len() => won,
+                Ok(won) if won.len() == group.len() => won,
                 Ok(won) => {
-                    tracing::error!(expected = fires.len(), got = won.len(), "registry answered a claim batch with the wrong length");
-                    vec![false; fires.len()]
+                    tracing::error!(expected = group.len(), got = won.len(), "registry answered a claim batch with the wrong length; fires skipped");
+                    continue;
                 }
                 Err(err) => {
-                    self.retry_later(fires.iter().map(|(f, _, _)| *f), &err);
+                    self.retry_later(group.iter().map(|(f, _)| *f), &err);
                     continue;
                 }
             };
-            for ((fire, job, running), won) in fires.into_iter().zip(won) {
+            self.learn_claim_cost(started.elapsed(), names.len());
+            let early = fire_time - self.cfg.clock.now_ms();
+            if early > 0 {
+                tokio::time::sleep(Duration::from_millis(early as u64)).await;
+            }
+            for ((_, ready), won) in group.iter().zip(won) {
                 if won {
-                    self.spawn_run(job, fire.fire_time, running);
+                    self.dispatch(ready);
                 }
             }
         }
+    }
+
+    fn learn_claim_cost(&self, took: Duration, claims: usize) {
+        if claims == 0 {
+            return;
+        }
+        let per = u64::try_from(took.as_nanos() / claims as u128).unwrap_or(u64::MAX);
+        let old = self.claim_ns.load(Ordering::Relaxed);
+        self.claim_ns.store((old.saturating_mul(3) / 4).saturating_add(per / 4), Ordering::Relaxed);
     }
 
     fn retry_later(&self, fires: impl Iterator<Item = Fire>, err: &Error) {
@@ -356,42 +442,59 @@ impl Engine {
         if retried > 0 {
             tracing::warn!(%err, retried, "claim failed; retrying");
         }
+        self.wake.notify_one();
     }
 
-    fn spawn_run(self: &Arc<Self>, job: Job, fire_time: i64, running: Arc<AtomicUsize>) {
-        running.fetch_add(1, Ordering::SeqCst);
-        self.running.fetch_add(1, Ordering::SeqCst);
-        let guard = RunGuard {
-            engine: self.clone(),
-            task: running,
-        };
-        tokio::spawn(async move {
-            guard.engine.run_once(job, fire_time).await;
-            drop(guard);
-        });
-    }
-
-    async fn run_once(&self, job: Job, fire_time: i64) {
-        let meta = job.meta.clone();
-        let reg = &self.cfg.registry;
-        let ns = self.cfg.ns.as_str();
-        if meta.one_shot {
-            // Tombstone before the body runs: a crash mid-run must not let
-            // another node run the next fire of a one-shot task.
-            if let Err(err) = retry(|| reg.put_tombstone(ns, &meta.name)).await {
-                tracing::error!(task = %meta.name, %err, "could not tombstone a one-shot task; not running it");
-                self.report(&meta, &err);
-                return;
-            }
+    /// Runs a won fire. The body is polled once right here: bodies that
+    /// finish without waiting (the common case for short jobs) cost no
+    /// task spawn; the others continue on their own tokio task.
+    fn dispatch(self: &Arc<Self>, ready: &Ready) {
+        let r = &ready.runnable;
+        let meta = &r.meta;
+        if meta.one_shot || meta.executed_and_cleanup || meta.executed_and_mark_deleted {
+            let guard = self.count_run(r.clone());
+            let fire_time = ready.fire_time;
+            tokio::spawn(async move {
+                guard.engine.run_with_flags(&guard.runnable, fire_time).await;
+                drop(guard);
+            });
+            return;
         }
         let ctx = TaskContext {
             meta: meta.clone(),
-            fire_time,
+            fire_time: ready.fire_time,
         };
-        match CatchUnwind(job.body.run(ctx)).await {
+        let mut run = CatchUnwind(r.body.run(ctx));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut run).poll(&mut cx) {
+            Poll::Ready(outcome) => self.finish(meta, ready.fire_time, outcome),
+            Poll::Pending => {
+                let guard = self.count_run(r.clone());
+                let fire_time = ready.fire_time;
+                tokio::spawn(async move {
+                    let outcome = run.await;
+                    guard.engine.finish(&guard.runnable.meta, fire_time, outcome);
+                    drop(guard);
+                });
+            }
+        }
+    }
+
+    fn count_run(self: &Arc<Self>, runnable: Arc<Runnable>) -> RunGuard {
+        runnable.running.fetch_add(1, Ordering::SeqCst);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunGuard {
+            engine: self.clone(),
+            runnable,
+        }
+    }
+
+    /// Reports a failed or panicked run.
+    fn finish(&self, meta: &TaskMeta, fire_time: i64, outcome: Result<TaskResult, String>) {
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(source)) => self.report(
-                &meta,
+                meta,
                 &Error::TaskFailed {
                     task: meta.name.clone(),
                     fire_time,
@@ -399,7 +502,7 @@ impl Engine {
                 },
             ),
             Err(message) => self.report(
-                &meta,
+                meta,
                 &Error::TaskPanicked {
                     task: meta.name.clone(),
                     fire_time,
@@ -407,12 +510,34 @@ impl Engine {
                 },
             ),
         }
+    }
+
+    /// A run of a task with one-shot or after-run flags (see [`TaskMeta`]).
+    async fn run_with_flags(&self, r: &Runnable, fire_time: i64) {
+        let meta = &r.meta;
+        let reg = &self.cfg.registry;
+        let ns = self.cfg.ns.as_str();
+        if meta.one_shot {
+            // Tombstone before the body runs: a crash mid-run must not let
+            // another node run the next fire of a one-shot task.
+            if let Err(err) = retry(|| reg.put_tombstone(ns, &meta.name)).await {
+                tracing::error!(task = %meta.name, %err, "could not tombstone a one-shot task; not running it");
+                self.report(meta, &err);
+                return;
+            }
+        }
+        let ctx = TaskContext {
+            meta: meta.clone(),
+            fire_time,
+        };
+        let outcome = CatchUnwind(r.body.run(ctx)).await;
+        self.finish(meta, fire_time, outcome);
         let after = if meta.executed_and_cleanup {
-            let tombstone = meta.one_shot;
+            let keep_tombstone = meta.one_shot;
             retry(|| async {
                 reg.delete_task(ns, &meta.name).await?;
                 reg.delete_claim(ns, &meta.name).await?;
-                if !tombstone {
+                if !keep_tombstone {
                     reg.delete_tombstone(ns, &meta.name).await?;
                 }
                 Ok(())
@@ -425,7 +550,7 @@ impl Engine {
         };
         if let Err(err) = after {
             tracing::error!(task = %meta.name, %err, "could not apply the task's after-run flags");
-            self.report(&meta, &err);
+            self.report(meta, &err);
         }
     }
 
@@ -460,15 +585,33 @@ where
     Err(last.unwrap_or_else(|| Error::registry_msg("engine", "retry gave up")))
 }
 
+/// Counts claimed fires waiting for their time as in flight.
+struct Busy(Arc<Engine>);
+
+impl Busy {
+    fn new(engine: Arc<Engine>) -> Busy {
+        engine.running.fetch_add(1, Ordering::SeqCst);
+        Busy(engine)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Counts a run in flight; decrements on drop, even after a panic.
 struct RunGuard {
     engine: Arc<Engine>,
-    task: Arc<AtomicUsize>,
+    runnable: Arc<Runnable>,
 }
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
-        self.task.fetch_sub(1, Ordering::SeqCst);
+        self.runnable.running.fetch_sub(1, Ordering::SeqCst);
         if self.engine.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.engine.idle.notify_waiters();
         }
@@ -510,12 +653,18 @@ impl State {
         self.queue.entry(due).or_default().push(fire);
     }
 
-    fn insert(&mut self, name: Arc<str>, job: Job, next: Option<i64>) {
+    fn insert(&mut self, job: Job, next: Option<i64>) {
         self.generation += 1;
+        let name = Name(job.meta.clone());
+        let runnable = Arc::new(Runnable {
+            meta: job.meta.clone(),
+            body: job.body.clone(),
+            running: AtomicUsize::new(0),
+        });
         let entry = Entry {
             job,
             generation: self.generation,
-            running: Arc::new(AtomicUsize::new(0)),
+            runnable,
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -548,11 +697,13 @@ impl State {
         }
     }
 
-    /// Takes every fire due at `now`; otherwise says how long to wait.
-    fn take_due(&mut self, now: i64) -> (Vec<Fire>, Option<i64>) {
+    /// Takes every fire due by `now + lead`; otherwise says how long to
+    /// wait until the first one is.
+    fn take_due(&mut self, now: i64, lead: i64) -> (Vec<Fire>, Option<i64>) {
+        let horizon = now.saturating_add(lead);
         let mut batch = Vec::new();
         while let Some(entry) = self.queue.first_entry() {
-            if *entry.key() > now {
+            if *entry.key() > horizon {
                 break;
             }
             let mut fires = entry.remove();
@@ -562,7 +713,7 @@ impl State {
                 batch.append(&mut fires);
             }
         }
-        let wait = self.queue.keys().next().map(|due| due - now);
+        let wait = self.queue.keys().next().map(|due| due - horizon);
         (batch, wait)
     }
 }

@@ -21,3 +21,4 @@ pub use node::{Node, NodeStatus};
 pub use registry::{MemoryRegistry, Registry};
 pub use strategy::{Assigner, Strategy};
 pub use task::{Task, TaskContext, TaskMeta, TaskResult};
+pub use view::ownership;

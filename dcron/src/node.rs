@@ -52,6 +52,10 @@ pub struct Node {
     pub status: NodeStatus,
     /// Relative capacity for the `Weighted` strategy; 0 counts as 1.
     pub weight: u32,
+    /// The assignment strategy the node uses (kebab-case name, `custom` for
+    /// a custom [`Assigner`](crate::Assigner)); lets tools show owners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
     /// Names of the static tasks this node defines, sorted. Only nodes that
     /// define a static task may own it.
     #[serde(default)]

@@ -22,7 +22,14 @@ pub(crate) struct View {
 /// same set of eligible nodes are assigned together, so strategies that
 /// look at the whole task list (Range, RoundRobin) see a consistent one.
 /// When a name is both static and dynamic, the static definition wins.
-pub(crate) fn assign<'v>(view: &'v View, assigner: &dyn Assigner) -> BTreeMap<&'v str, &'v str> {
+///
+/// `local` gives one node's static task names directly (a node knows its
+/// own better than the registry's copy of its record).
+pub(crate) fn assign<'v>(
+    view: &'v View,
+    local: Option<(&str, Vec<&'v str>)>,
+    assigner: &dyn Assigner,
+) -> BTreeMap<&'v str, &'v str> {
     let working: Vec<&Node> = view
         .nodes
         .values()
@@ -34,8 +41,13 @@ pub(crate) fn assign<'v>(view: &'v View, assigner: &dyn Assigner) -> BTreeMap<&'
     }
     // Static task name → indices (into `working`) of the nodes defining it.
     let mut definers: HashMap<&str, Vec<u32>> = HashMap::new();
+    let mut local = local;
     for (i, node) in working.iter().enumerate() {
-        for name in &node.static_tasks {
+        let names: Vec<&'v str> = match &mut local {
+            Some((id, names)) if *id == node.id => std::mem::take(names),
+            _ => node.static_tasks.iter().map(String::as_str).collect(),
+        };
+        for name in names {
             if !view.tombstones.contains(name) {
                 definers.entry(name).or_default().push(i as u32);
             }
@@ -88,9 +100,30 @@ impl Node {
             create_time: self.create_time,
             status: self.status,
             weight: self.weight,
+            strategy: self.strategy.clone(),
             static_tasks: Vec::new(),
         }
     }
+}
+
+/// Who owns each live task of a cluster, as its nodes compute it: task
+/// name → owner node id. For tools that show ownership from outside (the
+/// `dcron` command); `assigner` must be the cluster's strategy.
+pub fn ownership(
+    nodes: &[Node],
+    tasks: &[TaskMeta],
+    tombstones: &[String],
+    assigner: &dyn Assigner,
+) -> BTreeMap<String, String> {
+    let view = View {
+        nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
+        tasks: tasks.iter().map(|t| (t.name.clone(), Arc::new(t.clone()))).collect(),
+        tombstones: tombstones.iter().cloned().collect(),
+    };
+    assign(&view, None, assigner)
+        .into_iter()
+        .map(|(t, n)| (t.to_string(), n.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -107,6 +140,7 @@ mod tests {
             create_time: 0,
             status,
             weight: 1,
+            strategy: None,
             static_tasks: statics.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -125,7 +159,7 @@ mod tests {
         view.tasks.insert("gone".into(), Arc::new(TaskMeta::new("gone", "* * * * *")));
         view.tombstones.insert("gone".into());
         for strategy in Strategy::ALL {
-            let owners = assign(&view, &strategy);
+            let owners = assign(&view, None, &strategy);
             assert_eq!(owners.get("s1"), Some(&"a"), "{strategy:?}");
             assert!(!owners.contains_key("s3"), "no working node defines s3");
             assert!(!owners.contains_key("gone"), "tombstoned");
@@ -139,6 +173,6 @@ mod tests {
         let mut view = View::default();
         view.nodes.insert("a".into(), node("a", NodeStatus::Leaving, &["s"]));
         view.tasks.insert("d".into(), Arc::new(TaskMeta::new("d", "* * * * *")));
-        assert!(assign(&view, &Strategy::Consistent).is_empty());
+        assert!(assign(&view, None, &Strategy::Consistent).is_empty());
     }
 }

@@ -27,6 +27,10 @@ impl conformance::Harness for Memory {
     fn short_ttl(&self) -> Duration {
         Duration::from_millis(1200)
     }
+
+    fn expiry_bound(&self, ttl: Duration) -> Duration {
+        ttl + Duration::from_secs(1)
+    }
 }
 
 conformance::suite!(Memory(MemoryRegistry::new()));

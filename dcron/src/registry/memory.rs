@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, mpsc};
+use rustc_hash::FxHashMap;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec;
@@ -65,8 +66,17 @@ struct Space {
     nodes: BTreeMap<String, NodeSlot>,
     tasks: BTreeMap<String, Vec<u8>>,
     tombstones: BTreeMap<String, Vec<u8>>,
-    claims: HashMap<String, ClaimSlot>,
-    events: broadcast::Sender<WatchEvent>,
+    claims: FxHashMap<String, ClaimSlot>,
+    /// Claiming node ids, interned so a claim copies no string.
+    claimers: Vec<Arc<str>>,
+    watchers: Vec<Watcher>,
+}
+
+/// One watch feed. Events go straight into its channel (nothing is kept
+/// once received); a full channel drops the event and owes a `Resync`.
+struct Watcher {
+    tx: mpsc::Sender<WatchEvent>,
+    owes_resync: bool,
 }
 
 struct NodeSlot {
@@ -77,7 +87,7 @@ struct NodeSlot {
 enum ClaimSlot {
     Valid {
         fire_time: i64,
-        node: Arc<str>,
+        node: u32,
         claimed_at: i64,
     },
     Corrupt(Vec<u8>),
@@ -89,8 +99,9 @@ impl Default for Space {
             nodes: BTreeMap::new(),
             tasks: BTreeMap::new(),
             tombstones: BTreeMap::new(),
-            claims: HashMap::new(),
-            events: broadcast::channel(WATCH_CHANNEL_CAPACITY).0,
+            claims: FxHashMap::default(),
+            claimers: Vec::new(),
+            watchers: Vec::new(),
         }
     }
 }
@@ -195,14 +206,30 @@ impl Shared {
         }
     }
 
-    fn publish(&self, space: &Space, event: WatchEvent) {
+    fn publish(&self, space: &mut Space, event: WatchEvent) {
         let dropped = self
             .drop_events
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if dropped.is_err() {
-            // No receivers is fine: nobody watches yet.
-            let _ = space.events.send(event);
+        if dropped.is_ok() {
+            return;
         }
+        space.watchers.retain_mut(|w| {
+            if w.owes_resync {
+                match w.tx.try_send(WatchEvent::Resync) {
+                    Ok(()) => w.owes_resync = false,
+                    Err(mpsc::error::TrySendError::Full(_)) => return true,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            match w.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    w.owes_resync = true;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
     }
 
     fn expire_due(&self, space: &mut Space, now: Instant) {
@@ -230,10 +257,20 @@ impl State {
 }
 
 impl Space {
-    fn try_claim(&mut self, task: &str, fire_time: i64, node: &Arc<str>, claimed_at: i64) -> bool {
+    fn claimer(&mut self, node: &str) -> u32 {
+        match self.claimers.iter().position(|n| &**n == node) {
+            Some(i) => i as u32,
+            None => {
+                self.claimers.push(node.into());
+                (self.claimers.len() - 1) as u32
+            }
+        }
+    }
+
+    fn try_claim(&mut self, task: &str, fire_time: i64, node: u32, claimed_at: i64) -> bool {
         let new = || ClaimSlot::Valid {
             fire_time,
-            node: node.clone(),
+            node,
             claimed_at,
         };
         match self.claims.get_mut(task) {
@@ -399,29 +436,29 @@ impl Registry for MemoryRegistry {
 
     async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
         self.shared.fault()?;
-        let node: Arc<str> = claim.node.as_str().into();
         let mut state = self.shared.lock();
-        Ok(state
-            .space(ns)
-            .try_claim(task, claim.fire_time, &node, claim.claimed_at))
+        let space = state.space(ns);
+        let node = space.claimer(&claim.node);
+        Ok(space.try_claim(task, claim.fire_time, node, claim.claimed_at))
     }
 
     async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
         self.shared.fault()?;
-        let node: Arc<str> = claim.node.as_str().into();
         let mut state = self.shared.lock();
         let space = state.space(ns);
+        let node = space.claimer(&claim.node);
         Ok(tasks
             .iter()
-            .map(|task| space.try_claim(task, claim.fire_time, &node, claim.claimed_at))
+            .map(|task| space.try_claim(task, claim.fire_time, node, claim.claimed_at))
             .collect())
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
         self.shared.fault()?;
         let mut state = self.shared.lock();
-        let mut out: Vec<(String, Claim)> = state
-            .space(ns)
+        let space = state.space(ns);
+        let claimers = &space.claimers;
+        let mut out: Vec<(String, Claim)> = space
             .claims
             .iter()
             .filter_map(|(name, slot)| match slot {
@@ -433,7 +470,10 @@ impl Registry for MemoryRegistry {
                     name.clone(),
                     Claim {
                         fire_time: *fire_time,
-                        node: node.to_string(),
+                        node: claimers
+                            .get(*node as usize)
+                            .map(|n| n.to_string())
+                            .unwrap_or_default(),
                         claimed_at: *claimed_at,
                     },
                 )),
@@ -470,22 +510,11 @@ impl Registry for MemoryRegistry {
 
     async fn watch(&self, ns: &str) -> Result<WatchReceiver> {
         self.shared.fault()?;
-        let mut events = {
-            let mut state = self.shared.lock();
-            state.space(ns).events.subscribe()
-        };
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
-        tokio::spawn(async move {
-            loop {
-                let event = match events.recv().await {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(_)) => WatchEvent::Resync,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if tx.send(event).await.is_err() {
-                    return;
-                }
-            }
+        let mut state = self.shared.lock();
+        state.space(ns).watchers.push(Watcher {
+            tx,
+            owes_resync: false,
         });
         Ok(rx)
     }

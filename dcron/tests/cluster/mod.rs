@@ -88,7 +88,11 @@ impl Ledger {
 
     /// Fire times of `task` in order.
     pub fn fires(&self, task: &str) -> Vec<i64> {
-        self.runs().into_iter().filter(|r| r.task == task).map(|r| r.fire_time).collect()
+        self.runs()
+            .into_iter()
+            .filter(|r| r.task == task)
+            .map(|r| r.fire_time)
+            .collect()
     }
 
     /// Fails if `task` skipped a whole second between `from` and `to`
@@ -102,11 +106,16 @@ impl Ledger {
         let first = from.div_euclid(1000) * 1000 + if from % 1000 == 0 { 0 } else { 1000 };
         let mut t = first;
         while t <= to {
-            assert!(fires.contains(&t), "{task}: fire {t} missing (have {fires:?})");
+            assert!(
+                fires.contains(&t),
+                "{task}: fire {t} missing (have {fires:?})"
+            );
             t += 1000;
         }
     }
 }
+
+const EVERY_SECOND: &str = "* * * * * *";
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -136,11 +145,11 @@ pub async fn node(h: &impl Harness, ns: &str, id: &str, ledger: &Ledger) -> Dcro
         .expect("valid options")
 }
 
-/// Adds `names` as every-second static tasks recording into the ledger.
-pub async fn add_static(node: &Dcron, names: &[String], ledger: &Ledger) {
+/// Adds `names` as static tasks on `cron` recording into the ledger.
+pub async fn add_static(node: &Dcron, names: &[String], cron: &str, ledger: &Ledger) {
     for name in names {
         let (recorder, me) = (ledger.clone(), node.node_id());
-        node.add_func(name, "* * * * * *", move |ctx: TaskContext| {
+        node.add_func(name, cron, move |ctx: TaskContext| {
             let (recorder, me) = (recorder.clone(), me.clone());
             async move {
                 recorder.record(&ctx, &me);
@@ -157,11 +166,17 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 }
 
 /// Starts three nodes defining the same static tasks.
-async fn three_nodes(h: &impl Harness, ns: &str, tasks: &[String], ledger: &Ledger) -> Vec<Dcron> {
+async fn three_nodes(
+    h: &impl Harness,
+    ns: &str,
+    tasks: &[String],
+    cron: &str,
+    ledger: &Ledger,
+) -> Vec<Dcron> {
     let mut nodes = Vec::new();
     for id in ["node-a", "node-b", "node-c"] {
         let n = node(h, ns, id, ledger).await;
-        add_static(&n, tasks, ledger).await;
+        add_static(&n, tasks, cron, ledger).await;
         n.start().await.expect("start");
         nodes.push(n);
     }
@@ -172,7 +187,10 @@ async fn three_nodes(h: &impl Harness, ns: &str, tasks: &[String], ledger: &Ledg
             let n = n.clone();
             async move {
                 n.nodes().await.is_ok_and(|v| {
-                    v.iter().filter(|x| x.status == dcron::NodeStatus::Working).count() == 3
+                    v.iter()
+                        .filter(|x| x.status == dcron::NodeStatus::Working)
+                        .count()
+                        == 3
                 })
             }
         })
@@ -209,7 +227,7 @@ pub async fn every_fire_runs_once_on_three_nodes(h: &impl Harness) {
     let ns = fresh_ns("cluster-once");
     let ledger = Ledger::default();
     let tasks = names("tick", 50);
-    let nodes = three_nodes(h, &ns, &tasks, &ledger).await;
+    let nodes = three_nodes(h, &ns, &tasks, EVERY_SECOND, &ledger).await;
     settled(&nodes, &tasks).await;
     let from = now_ms() + 1000;
     until(from + 4000).await;
@@ -229,7 +247,7 @@ pub async fn stopped_node_hands_over(h: &impl Harness) {
     let ns = fresh_ns("cluster-stop");
     let ledger = Ledger::default();
     let tasks = names("job", 20);
-    let nodes = three_nodes(h, &ns, &tasks, &ledger).await;
+    let nodes = three_nodes(h, &ns, &tasks, EVERY_SECOND, &ledger).await;
     settled(&nodes, &tasks).await;
     let leaving = nodes[2].my_running_tasks();
     assert!(!leaving.is_empty(), "node-c should own some of 20 tasks");
@@ -250,26 +268,56 @@ pub async fn stopped_node_hands_over(h: &impl Harness) {
             .filter(|r| &r.task == t && r.fire_time > from + 1000)
             .map(|r| r.node)
             .collect();
-        assert!(!after.is_empty() && !after.contains("node-c"), "{t} not taken over: {after:?}");
+        assert!(
+            !after.is_empty() && !after.contains("node-c"),
+            "{t} not taken over: {after:?}"
+        );
     }
 }
 
 pub async fn crashed_node_tasks_move_after_ttl(h: &impl Harness) {
+    // A period longer than the takeover time, so exactly one fire falls
+    // between the crash and the takeover: the one catch-up must run.
+    let ttl = h.short_ttl();
+    let takeover = h.expiry_bound(ttl) + Duration::from_secs(1);
+    let period = [2u64, 3, 4, 5, 6, 10, 12, 15, 20, 30]
+        .into_iter()
+        .find(|p| Duration::from_secs(*p) > takeover)
+        .unwrap_or(30);
+    let period_ms = period as i64 * 1000;
+    let cron = format!("*/{period} * * * * *");
     let ns = fresh_ns("cluster-crash");
     let ledger = Ledger::default();
     let tasks = names("work", 20);
     let registry = h.registry().await;
-    let nodes = three_nodes(h, &ns, &tasks, &ledger).await;
+    let nodes = three_nodes(h, &ns, &tasks, &cron, &ledger).await;
     settled(&nodes, &tasks).await;
     let orphaned = nodes[2].my_running_tasks();
     assert!(!orphaned.is_empty());
+    // Every task has run once (so it has a watermark) before the crash.
+    let l = ledger.clone();
+    let all = tasks.clone();
+    eventually(
+        Duration::from_millis(3 * period_ms as u64),
+        "a first run of every task",
+        || {
+            let (l, all) = (l.clone(), all.clone());
+            async move { all.iter().all(|t| !l.fires(t).is_empty()) }
+        },
+    )
+    .await;
+    // Crash node-c just before fire `missed`.
+    let missed = (now_ms() + 1000).div_euclid(period_ms) * period_ms + period_ms;
+    until(missed - 300).await;
     let crashed_at = now_ms();
     nodes[2].kill().await;
     h.crash(&registry, &ns, "node-c").await;
     settled(&nodes[..2], &tasks).await;
-    let took_over_at = now_ms();
-    tracing::info!(took_ms = took_over_at - crashed_at, "crashed node's tasks taken over");
-    until(now_ms() + 2500).await;
+    tracing::info!(
+        took_ms = now_ms() - crashed_at,
+        "crashed node's tasks taken over"
+    );
+    until(missed + period_ms + 700).await;
     for n in &nodes[..2] {
         n.stop().await.expect("stop");
     }
@@ -278,14 +326,20 @@ pub async fn crashed_node_tasks_move_after_ttl(h: &impl Harness) {
         let runs: Vec<Run> = ledger
             .runs()
             .into_iter()
-            .filter(|r| &r.task == t && r.fire_time > crashed_at)
+            .filter(|r| &r.task == t && r.fire_time >= missed)
             .collect();
-        assert!(runs.iter().all(|r| r.node != "node-c"), "{t}: the crashed node kept running");
-        // The catch-up ran the latest fire missed while nobody owned the
-        // task: it started well after its fire time.
         assert!(
-            runs.iter().any(|r| r.started_ms - r.fire_time >= 200 && r.fire_time < took_over_at),
-            "{t}: no catch-up run of a missed fire: {runs:?}"
+            runs.iter().all(|r| r.node != "node-c"),
+            "{t}: the crashed node kept running: {runs:?}"
+        );
+        let caught_up = runs.iter().find(|r| r.fire_time == missed);
+        assert!(
+            caught_up.is_some_and(|r| r.started_ms - missed >= 200),
+            "{t}: fire {missed}, missed while nobody owned it, was not caught up late: {runs:?}"
+        );
+        assert!(
+            runs.iter().any(|r| r.fire_time == missed + period_ms),
+            "{t}: next fire missing: {runs:?}"
         );
     }
 }
@@ -294,7 +348,7 @@ pub async fn tombstone_stops_everywhere_and_survives_restart(h: &impl Harness) {
     let ns = fresh_ns("cluster-tombstone");
     let ledger = Ledger::default();
     let tasks = names("tomb", 6);
-    let nodes = three_nodes(h, &ns, &tasks, &ledger).await;
+    let nodes = three_nodes(h, &ns, &tasks, EVERY_SECOND, &ledger).await;
     settled(&nodes, &tasks).await;
     let victim = tasks[0].clone();
     let ledger2 = ledger.clone();
@@ -304,20 +358,29 @@ pub async fn tombstone_stops_everywhere_and_survives_restart(h: &impl Harness) {
         async move { !l.fires(&v).is_empty() }
     })
     .await;
-    nodes[0].mark_task_deleted(&victim).await.expect("mark deleted");
+    nodes[0]
+        .mark_task_deleted(&victim)
+        .await
+        .expect("mark deleted");
     let deleted_at = now_ms();
     settled(&nodes, &tasks[1..]).await;
     // A later fire of the others proves time passed; the victim stays quiet.
     until(deleted_at + 2500).await;
     assert!(
-        ledger.fires(&victim).iter().all(|t| *t <= deleted_at + 1000),
+        ledger
+            .fires(&victim)
+            .iter()
+            .all(|t| *t <= deleted_at + 1000),
         "tombstoned task still ran: {:?}",
         ledger.fires(&victim)
     );
     // A restarted node cannot add it back without force.
     nodes[1].stop().await.expect("stop b");
     let restarted = node(h, &ns, "node-b", &ledger).await;
-    match restarted.add_func(&victim, "* * * * * *", |_| async { Ok(()) }).await {
+    match restarted
+        .add_func(&victim, "* * * * * *", |_| async { Ok(()) })
+        .await
+    {
         Err(Error::TaskDeleted(name)) => assert_eq!(name, victim),
         other => panic!("expected TaskDeleted, got {other:?}"),
     }
@@ -363,13 +426,18 @@ pub async fn one_shot_runs_once_in_the_cluster(h: &impl Harness) {
     .await;
     let ran_at = now_ms();
     // Every node must see the tombstone and drop the task.
-    eventually(Duration::from_secs(15), "every node to drop the one-shot", || async {
-        nodes.iter().all(|n| n.my_running_tasks().is_empty())
-    })
+    eventually(
+        Duration::from_secs(15),
+        "every node to drop the one-shot",
+        || async { nodes.iter().all(|n| n.my_running_tasks().is_empty()) },
+    )
     .await;
     until(ran_at + 2500).await;
     assert_eq!(ledger.fires("once").len(), 1, "runs: {:?}", ledger.runs());
-    match nodes[0].add_one_shot_func("once", "* * * * * *", |_| async { Ok(()) }).await {
+    match nodes[0]
+        .add_one_shot_func("once", "* * * * * *", |_| async { Ok(()) })
+        .await
+    {
         Err(Error::TaskDeleted(_)) | Err(Error::TaskExists(_)) => {}
         other => panic!("a spent one-shot must not be re-added silently: {other:?}"),
     }
@@ -381,20 +449,27 @@ pub async fn one_shot_runs_once_in_the_cluster(h: &impl Harness) {
 pub async fn dynamic_task_runs_on_its_owner(h: &impl Harness) {
     let ns = fresh_ns("cluster-dynamic");
     let ledger = Ledger::default();
-    let nodes = three_nodes(h, &ns, &[], &ledger).await;
+    let nodes = three_nodes(h, &ns, &[], EVERY_SECOND, &ledger).await;
     let dynamic = names("dyn", 10);
     for name in &dynamic {
         let meta = TaskMeta::new(name, "* * * * * *").with_payload(format!("payload of {name}"));
         nodes[0].add_task_meta(meta).await.expect("add dynamic");
     }
-    match nodes[1].add_task_meta(TaskMeta::new(&dynamic[0], "* * * * * *")).await {
+    match nodes[1]
+        .add_task_meta(TaskMeta::new(&dynamic[0], "* * * * * *"))
+        .await
+    {
         Err(Error::TaskExists(_)) => {}
         other => panic!("expected TaskExists, got {other:?}"),
     }
     settled(&nodes, &dynamic).await;
     let owners: BTreeMap<String, String> = nodes
         .iter()
-        .flat_map(|n| n.my_running_tasks().into_iter().map(move |t| (t, n.node_id())))
+        .flat_map(|n| {
+            n.my_running_tasks()
+                .into_iter()
+                .map(move |t| (t, n.node_id()))
+        })
         .collect();
     let from = now_ms() + 1000;
     until(from + 3000).await;
@@ -405,7 +480,11 @@ pub async fn dynamic_task_runs_on_its_owner(h: &impl Harness) {
     ledger.assert_no_duplicates();
     for t in &dynamic {
         ledger.assert_contiguous(t, from, to);
-        for run in ledger.runs().iter().filter(|r| &r.task == t && r.fire_time >= from && r.fire_time <= to) {
+        for run in ledger
+            .runs()
+            .iter()
+            .filter(|r| &r.task == t && r.fire_time >= from && r.fire_time <= to)
+        {
             assert_eq!(run.node, owners[t], "{t} ran off its owner");
         }
     }

@@ -97,7 +97,10 @@ pub fn init_tracing() {
 
 /// A namespace no other test uses.
 pub fn fresh_ns(test: &str) -> String {
-    format!("conf-{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "conf-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 pub fn node(id: &str, status: NodeStatus) -> Node {
@@ -109,6 +112,7 @@ pub fn node(id: &str, status: NodeStatus) -> Node {
         create_time: 1_700_000_000_000,
         status,
         weight: 1,
+        strategy: Some("consistent".into()),
         static_tasks: vec!["static-a".into(), "static-b".into()],
     }
 }
@@ -212,8 +216,13 @@ pub async fn register_update_unregister(h: &impl Harness) {
     assert_eq!(got.status, NodeStatus::Working);
 
     r.unregister(&ns, "node-a").await.expect("unregister");
-    assert_eq!(node_ids(&r, &ns).await, BTreeSet::from(["node-b".to_string()]));
-    r.unregister(&ns, "node-a").await.expect("unregister twice is ok");
+    assert_eq!(
+        node_ids(&r, &ns).await,
+        BTreeSet::from(["node-b".to_string()])
+    );
+    r.unregister(&ns, "node-a")
+        .await
+        .expect("unregister twice is ok");
     assert!(!r.update_node(&ns, &working).await.expect("update gone"));
     r.unregister(&ns, "node-b").await.expect("unregister b");
 }
@@ -225,9 +234,12 @@ pub async fn heartbeat_keeps_alive_and_is_silent(h: &impl Harness) {
     let a = node("node-a", NodeStatus::Working);
     let mut rx = r.watch(&ns).await.expect("watch");
     r.register(&ns, &a, ttl).await.expect("register");
-    expect_event(&mut rx, EVENT_WAIT, "NodePut for a", |e| {
-        matches!(e, WatchEvent::NodePut(n) if n.id == "node-a")
-    })
+    expect_event(
+        &mut rx,
+        EVENT_WAIT,
+        "NodePut for a",
+        |e| matches!(e, WatchEvent::NodePut(n) if n.id == "node-a"),
+    )
     .await;
     // Heartbeat at a third of the TTL for twice the TTL: still registered.
     let until = Instant::now() + ttl * 2;
@@ -235,15 +247,24 @@ pub async fn heartbeat_keeps_alive_and_is_silent(h: &impl Harness) {
         assert!(r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"));
         tokio::time::sleep(ttl / 3).await;
     }
-    assert!(node_ids(&r, &ns).await.contains("node-a"), "heartbeats must keep the node alive");
+    assert!(
+        node_ids(&r, &ns).await.contains("node-a"),
+        "heartbeats must keep the node alive"
+    );
     // Heartbeats must not wake watchers: the next node event is the marker.
     let marker = node("marker", NodeStatus::Working);
-    r.register(&ns, &marker, ttl * 10).await.expect("register marker");
+    r.register(&ns, &marker, ttl * 10)
+        .await
+        .expect("register marker");
     let ev = expect_event(&mut rx, EVENT_WAIT, "a node event", |e| {
         matches!(e, WatchEvent::NodePut(_) | WatchEvent::NodeDelete(_))
     })
     .await;
-    assert_eq!(ev, WatchEvent::NodePut(marker.clone()), "heartbeats produced watch events");
+    assert_eq!(
+        ev,
+        WatchEvent::NodePut(marker.clone()),
+        "heartbeats produced watch events"
+    );
     r.unregister(&ns, "node-a").await.expect("unregister");
     r.unregister(&ns, "marker").await.expect("unregister");
 }
@@ -261,9 +282,12 @@ pub async fn crashed_node_expires(h: &impl Harness) {
     let crashed_at = Instant::now();
     h.crash(&r, &ns, "node-a").await;
     let bound = h.expiry_bound(ttl);
-    expect_event(&mut rx, bound, "NodeDelete after the crash", |e| {
-        matches!(e, WatchEvent::NodeDelete(id) if id == "node-a")
-    })
+    expect_event(
+        &mut rx,
+        bound,
+        "NodeDelete after the crash",
+        |e| matches!(e, WatchEvent::NodeDelete(id) if id == "node-a"),
+    )
     .await;
     assert!(!node_ids(&observer, &ns).await.contains("node-a"));
     tracing::info!(took = ?crashed_at.elapsed(), ?ttl, "node expired");
@@ -281,7 +305,10 @@ pub async fn reregister_after_loss(h: &impl Harness) {
         !node_ids(&r, &ns).await.contains("node-a")
     })
     .await;
-    assert!(!r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"), "heartbeat must report the loss");
+    assert!(
+        !r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"),
+        "heartbeat must report the loss"
+    );
     assert!(!r.update_node(&ns, &a).await.expect("update"));
     r.register(&ns, &a, ttl).await.expect("register again");
     assert!(r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"));
@@ -296,14 +323,20 @@ pub async fn watch_delivers_puts_and_deletes(h: &impl Harness) {
     let mut rx = watcher.watch(&ns).await.expect("watch");
     let meta = TaskMeta::new("job-1", "*/5 * * * * *").with_payload("{\"x\":1}");
     writer.put_task(&ns, &meta, false).await.expect("put");
-    let ev = expect_event(&mut rx, EVENT_WAIT, "TaskPut", |e| matches!(e, WatchEvent::TaskPut(_))).await;
+    let ev = expect_event(&mut rx, EVENT_WAIT, "TaskPut", |e| {
+        matches!(e, WatchEvent::TaskPut(_))
+    })
+    .await;
     assert_eq!(ev, WatchEvent::TaskPut(meta.clone()));
     writer.put_tombstone(&ns, "job-1").await.expect("tombstone");
     expect_event(&mut rx, EVENT_WAIT, "TombstonePut", |e| {
         *e == WatchEvent::TombstonePut("job-1".into())
     })
     .await;
-    writer.delete_tombstone(&ns, "job-1").await.expect("untombstone");
+    writer
+        .delete_tombstone(&ns, "job-1")
+        .await
+        .expect("untombstone");
     expect_event(&mut rx, EVENT_WAIT, "TombstoneDelete", |e| {
         *e == WatchEvent::TombstoneDelete("job-1".into())
     })
@@ -314,8 +347,14 @@ pub async fn watch_delivers_puts_and_deletes(h: &impl Harness) {
     })
     .await;
     let n = node("node-w", NodeStatus::Starting);
-    writer.register(&ns, &n, Duration::from_secs(30)).await.expect("register");
-    expect_event(&mut rx, EVENT_WAIT, "NodePut", |e| *e == WatchEvent::NodePut(n.clone())).await;
+    writer
+        .register(&ns, &n, Duration::from_secs(30))
+        .await
+        .expect("register");
+    expect_event(&mut rx, EVENT_WAIT, "NodePut", |e| {
+        *e == WatchEvent::NodePut(n.clone())
+    })
+    .await;
     let mut working = n.clone();
     working.status = NodeStatus::Working;
     writer.update_node(&ns, &working).await.expect("update");
@@ -329,27 +368,61 @@ pub async fn watch_delivers_puts_and_deletes(h: &impl Harness) {
     })
     .await;
     // Claims never reach the feed: after a claim, the next event is a marker.
-    assert!(writer.claim(&ns, "job-2", &claim(1_000, "node-w")).await.expect("claim"));
-    writer.put_task(&ns, &TaskMeta::new("marker", "* * * * *"), false).await.expect("put");
+    assert!(writer
+        .claim(&ns, "job-2", &claim(1_000, "node-w"))
+        .await
+        .expect("claim"));
+    writer
+        .put_task(&ns, &TaskMeta::new("marker", "* * * * *"), false)
+        .await
+        .expect("put");
     let ev = expect_event(&mut rx, EVENT_WAIT, "marker", |_| true).await;
-    assert!(matches!(ev, WatchEvent::TaskPut(ref m) if m.name == "marker"), "claims leaked into the feed: {ev:?}");
+    assert!(
+        matches!(ev, WatchEvent::TaskPut(ref m) if m.name == "marker"),
+        "claims leaked into the feed: {ev:?}"
+    );
 }
 
 pub async fn full_read_recovers_missed_events(h: &impl Harness) {
     let writer = h.registry().await;
     let ns = fresh_ns("missed");
     // Changes made while nobody watches are all visible to a full read.
-    writer.put_task(&ns, &TaskMeta::new("t1", "* * * * *"), false).await.expect("put");
-    writer.put_task(&ns, &TaskMeta::new("t2", "* * * * *"), false).await.expect("put");
+    writer
+        .put_task(&ns, &TaskMeta::new("t1", "* * * * *"), false)
+        .await
+        .expect("put");
+    writer
+        .put_task(&ns, &TaskMeta::new("t2", "* * * * *"), false)
+        .await
+        .expect("put");
     writer.put_tombstone(&ns, "t2").await.expect("tombstone");
-    writer.register(&ns, &node("n1", NodeStatus::Working), Duration::from_secs(30)).await.expect("register");
+    writer
+        .register(
+            &ns,
+            &node("n1", NodeStatus::Working),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("register");
     let reader = h.registry().await;
     let mut rx = reader.watch(&ns).await.expect("watch");
     writer.delete_task(&ns, "t1").await.expect("delete");
-    expect_event(&mut rx, EVENT_WAIT, "TaskDelete t1", |e| *e == WatchEvent::TaskDelete("t1".into())).await;
-    assert_eq!(task_names(&reader, &ns).await, BTreeSet::from(["t2".to_string()]));
-    assert_eq!(reader.tombstones(&ns).await.expect("tombstones"), vec!["t2".to_string()]);
-    assert_eq!(node_ids(&reader, &ns).await, BTreeSet::from(["n1".to_string()]));
+    expect_event(&mut rx, EVENT_WAIT, "TaskDelete t1", |e| {
+        *e == WatchEvent::TaskDelete("t1".into())
+    })
+    .await;
+    assert_eq!(
+        task_names(&reader, &ns).await,
+        BTreeSet::from(["t2".to_string()])
+    );
+    assert_eq!(
+        reader.tombstones(&ns).await.expect("tombstones"),
+        vec!["t2".to_string()]
+    );
+    assert_eq!(
+        node_ids(&reader, &ns).await,
+        BTreeSet::from(["n1".to_string()])
+    );
     writer.unregister(&ns, "n1").await.expect("unregister");
 }
 
@@ -357,15 +430,26 @@ pub async fn claim_watermark(h: &impl Harness) {
     let r = h.registry().await;
     let ns = fresh_ns("watermark");
     assert!(r.claim(&ns, "t", &claim(2_000, "a")).await.expect("claim"));
-    assert!(!r.claim(&ns, "t", &claim(2_000, "b")).await.expect("same fire time again"));
-    assert!(!r.claim(&ns, "t", &claim(1_000, "b")).await.expect("older fire time"));
+    assert!(!r
+        .claim(&ns, "t", &claim(2_000, "b"))
+        .await
+        .expect("same fire time again"));
+    assert!(!r
+        .claim(&ns, "t", &claim(1_000, "b"))
+        .await
+        .expect("older fire time"));
     assert!(r.claim(&ns, "t", &claim(3_000, "b")).await.expect("newer"));
     let claims = r.claims(&ns).await.expect("claims");
     assert_eq!(claims, vec![("t".to_string(), claim(3_000, "b"))]);
     r.delete_claim(&ns, "t").await.expect("delete claim");
     assert!(r.claims(&ns).await.expect("claims").is_empty());
-    assert!(r.claim(&ns, "t", &claim(1_000, "c")).await.expect("after delete"));
-    r.delete_claim(&ns, "absent").await.expect("deleting an absent claim is ok");
+    assert!(r
+        .claim(&ns, "t", &claim(1_000, "c"))
+        .await
+        .expect("after delete"));
+    r.delete_claim(&ns, "absent")
+        .await
+        .expect("deleting an absent claim is ok");
 }
 
 pub async fn concurrent_claims_one_winner(h: &impl Harness) {
@@ -388,7 +472,10 @@ pub async fn concurrent_claims_one_winner(h: &impl Harness) {
                 for t in 0..TASKS {
                     // Half the claimers go in reverse order to maximise contention.
                     let t = if i % 2 == 0 { t } else { TASKS - 1 - t };
-                    if r.claim(&ns, &format!("task-{t}"), &claim(fire_time, &me)).await.expect("claim") {
+                    if r.claim(&ns, &format!("task-{t}"), &claim(fire_time, &me))
+                        .await
+                        .expect("claim")
+                    {
                         won.push(t);
                     }
                 }
@@ -401,7 +488,10 @@ pub async fn concurrent_claims_one_winner(h: &impl Harness) {
                 winners[t] += 1;
             }
         }
-        assert!(winners.iter().all(|&w| w == 1), "fire {fire_time}: winners per task {winners:?}");
+        assert!(
+            winners.iter().all(|&w| w == 1),
+            "fire {fire_time}: winners per task {winners:?}"
+        );
     }
     let claims = r_claims(&clients[0], &ns).await;
     assert_eq!(claims.len(), TASKS);
@@ -416,13 +506,29 @@ pub async fn claim_many_matches_claim(h: &impl Harness) {
     let r = h.registry().await;
     let other = h.registry().await;
     let ns = fresh_ns("claim-many");
-    assert!(other.claim(&ns, "b", &claim(5_000, "other")).await.expect("claim"));
-    assert!(other.claim(&ns, "c", &claim(9_000, "other")).await.expect("claim"));
-    let won = r.claim_many(&ns, &["a", "b", "c", "d"], &claim(5_000, "me")).await.expect("claim_many");
+    assert!(other
+        .claim(&ns, "b", &claim(5_000, "other"))
+        .await
+        .expect("claim"));
+    assert!(other
+        .claim(&ns, "c", &claim(9_000, "other"))
+        .await
+        .expect("claim"));
+    let won = r
+        .claim_many(&ns, &["a", "b", "c", "d"], &claim(5_000, "me"))
+        .await
+        .expect("claim_many");
     assert_eq!(won, vec![true, false, false, true]);
-    let won = r.claim_many(&ns, &["a", "b", "c", "d"], &claim(6_000, "me")).await.expect("claim_many");
+    let won = r
+        .claim_many(&ns, &["a", "b", "c", "d"], &claim(6_000, "me"))
+        .await
+        .expect("claim_many");
     assert_eq!(won, vec![true, true, false, true]);
-    assert!(r.claim_many(&ns, &[], &claim(7_000, "me")).await.expect("empty").is_empty());
+    assert!(r
+        .claim_many(&ns, &[], &claim(7_000, "me"))
+        .await
+        .expect("empty")
+        .is_empty());
     let claims = r_claims(&r, &ns).await;
     assert_eq!(claims["b"].node, "me");
     assert_eq!(claims["c"].node, "other");
@@ -455,10 +561,16 @@ pub async fn tombstones(h: &impl Harness) {
     let mut names = r.tombstones(&ns).await.expect("tombstones");
     names.sort();
     assert_eq!(names, vec!["a".to_string(), "b".to_string()]);
-    assert!(r.tasks(&ns).await.expect("tasks").is_empty(), "tombstones are not tasks");
+    assert!(
+        r.tasks(&ns).await.expect("tasks").is_empty(),
+        "tombstones are not tasks"
+    );
     r.delete_tombstone(&ns, "a").await.expect("untombstone");
     r.delete_tombstone(&ns, "a").await.expect("absent is ok");
-    assert_eq!(r.tombstones(&ns).await.expect("tombstones"), vec!["b".to_string()]);
+    assert_eq!(
+        r.tombstones(&ns).await.expect("tombstones"),
+        vec!["b".to_string()]
+    );
 }
 
 pub async fn cleanup(h: &impl Harness) {
@@ -466,18 +578,31 @@ pub async fn cleanup(h: &impl Harness) {
     let ns = fresh_ns("cleanup");
     for i in 0..5 {
         let name = format!("t{i}");
-        r.put_task(&ns, &TaskMeta::new(&name, "* * * * *"), false).await.expect("put");
+        r.put_task(&ns, &TaskMeta::new(&name, "* * * * *"), false)
+            .await
+            .expect("put");
         r.put_tombstone(&ns, &name).await.expect("tombstone");
-        assert!(r.claim(&ns, &name, &claim(1_000, "n")).await.expect("claim"));
+        assert!(r
+            .claim(&ns, &name, &claim(1_000, "n"))
+            .await
+            .expect("claim"));
     }
     let n = node("n1", NodeStatus::Working);
-    r.register(&ns, &n, Duration::from_secs(30)).await.expect("register");
+    r.register(&ns, &n, Duration::from_secs(30))
+        .await
+        .expect("register");
     r.clear(&ns).await.expect("clear");
     assert!(r.tasks(&ns).await.expect("tasks").is_empty());
     assert!(r.tombstones(&ns).await.expect("tombstones").is_empty());
     assert!(r.claims(&ns).await.expect("claims").is_empty());
-    assert!(node_ids(&r, &ns).await.contains("n1"), "clear keeps node registrations");
-    assert!(r.claim(&ns, "t0", &claim(1_000, "n")).await.expect("claim after clear"));
+    assert!(
+        node_ids(&r, &ns).await.contains("n1"),
+        "clear keeps node registrations"
+    );
+    assert!(r
+        .claim(&ns, "t0", &claim(1_000, "n"))
+        .await
+        .expect("claim after clear"));
     r.unregister(&ns, "n1").await.expect("unregister");
 }
 
@@ -486,8 +611,16 @@ pub async fn namespaces_isolated(h: &impl Harness) {
     let a = fresh_ns("iso-a");
     let b = fresh_ns("iso-b");
     let mut rx_b = r.watch(&b).await.expect("watch b");
-    r.register(&a, &node("n1", NodeStatus::Working), Duration::from_secs(30)).await.expect("register");
-    r.put_task(&a, &TaskMeta::new("t", "* * * * *"), false).await.expect("put");
+    r.register(
+        &a,
+        &node("n1", NodeStatus::Working),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("register");
+    r.put_task(&a, &TaskMeta::new("t", "* * * * *"), false)
+        .await
+        .expect("put");
     r.put_tombstone(&a, "t").await.expect("tombstone");
     assert!(r.claim(&a, "t", &claim(5_000, "n1")).await.expect("claim"));
     assert!(r.nodes(&b).await.expect("nodes").is_empty());
@@ -495,12 +628,24 @@ pub async fn namespaces_isolated(h: &impl Harness) {
     assert!(r.tombstones(&b).await.expect("tombstones").is_empty());
     assert!(r.claims(&b).await.expect("claims").is_empty());
     // Same task name, other namespace: independent watermark and definition.
-    assert!(r.claim(&b, "t", &claim(1_000, "n1")).await.expect("claim b"));
-    r.put_task(&b, &TaskMeta::new("t", "0 0 * * *"), false).await.expect("same name in b");
+    assert!(r
+        .claim(&b, "t", &claim(1_000, "n1"))
+        .await
+        .expect("claim b"));
+    r.put_task(&b, &TaskMeta::new("t", "0 0 * * *"), false)
+        .await
+        .expect("same name in b");
     let ev = expect_event(&mut rx_b, EVENT_WAIT, "b's own event", |_| true).await;
-    assert!(matches!(ev, WatchEvent::TaskPut(ref m) if m.cron_format == "0 0 * * *"), "b saw a's event: {ev:?}");
+    assert!(
+        matches!(ev, WatchEvent::TaskPut(ref m) if m.cron_format == "0 0 * * *"),
+        "b saw a's event: {ev:?}"
+    );
     r.clear(&b).await.expect("clear b");
-    assert_eq!(r.tasks(&a).await.expect("tasks").len(), 1, "clearing b must not touch a");
+    assert_eq!(
+        r.tasks(&a).await.expect("tasks").len(),
+        1,
+        "clearing b must not touch a"
+    );
     r.unregister(&a, "n1").await.expect("unregister");
 }
 
@@ -509,24 +654,51 @@ pub async fn corrupt_values_skipped(h: &impl Harness) {
     let ns = fresh_ns("corrupt");
     let good = TaskMeta::new("good", "* * * * *");
     r.put_task(&ns, &good, false).await.expect("put");
-    h.write_raw(&ns, RawKind::Task, "garbage", b"\xff\x00not json").await;
-    h.write_raw(&ns, RawKind::Task, "wrong-shape", b"{\"name\":42}").await;
-    h.write_raw(&ns, RawKind::Task, "misnamed", br#"{"name":"other","cron_format":"* * * * *"}"#).await;
-    assert_eq!(r.tasks(&ns).await.expect("tasks must skip corrupt values"), vec![good]);
+    h.write_raw(&ns, RawKind::Task, "garbage", b"\xff\x00not json")
+        .await;
+    h.write_raw(&ns, RawKind::Task, "wrong-shape", b"{\"name\":42}")
+        .await;
+    h.write_raw(
+        &ns,
+        RawKind::Task,
+        "misnamed",
+        br#"{"name":"other","cron_format":"* * * * *"}"#,
+    )
+    .await;
+    assert_eq!(
+        r.tasks(&ns).await.expect("tasks must skip corrupt values"),
+        vec![good]
+    );
 
-    r.register(&ns, &node("n1", NodeStatus::Working), Duration::from_secs(30)).await.expect("register");
+    r.register(
+        &ns,
+        &node("n1", NodeStatus::Working),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("register");
     h.write_raw(&ns, RawKind::Node, "bad-node", b"[1,2,3").await;
     assert_eq!(node_ids(&r, &ns).await, BTreeSet::from(["n1".to_string()]));
 
     // A tombstone counts whatever its value: corrupt data never revives a task.
-    h.write_raw(&ns, RawKind::Tombstone, "dead", b"\x00garbage").await;
-    assert_eq!(r.tombstones(&ns).await.expect("tombstones"), vec!["dead".to_string()]);
+    h.write_raw(&ns, RawKind::Tombstone, "dead", b"\x00garbage")
+        .await;
+    assert_eq!(
+        r.tombstones(&ns).await.expect("tombstones"),
+        vec!["dead".to_string()]
+    );
 
     // A corrupt watermark is skipped when listing and overwritten by a claim.
     h.write_raw(&ns, RawKind::Claim, "c", b"not a claim").await;
     assert!(r.claims(&ns).await.expect("claims").is_empty());
-    assert!(r.claim(&ns, "c", &claim(1_000, "n1")).await.expect("claim over corrupt"));
-    assert!(!r.claim(&ns, "c", &claim(1_000, "n2")).await.expect("second claim"));
+    assert!(r
+        .claim(&ns, "c", &claim(1_000, "n1"))
+        .await
+        .expect("claim over corrupt"));
+    assert!(!r
+        .claim(&ns, "c", &claim(1_000, "n2"))
+        .await
+        .expect("second claim"));
     r.unregister(&ns, "n1").await.expect("unregister");
 }
 
@@ -550,7 +722,10 @@ pub async fn many_tasks(h: &impl Harness) {
     let names = task_names(&h.registry().await, &ns).await;
     assert_eq!(names.len(), N);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let won = r.claim_many(&ns, &names, &claim(1_000, "n")).await.expect("claim_many");
+    let won = r
+        .claim_many(&ns, &names, &claim(1_000, "n"))
+        .await
+        .expect("claim_many");
     assert!(won.iter().all(|w| *w));
     assert_eq!(r.claims(&ns).await.expect("claims").len(), N);
     r.clear(&ns).await.expect("clear");

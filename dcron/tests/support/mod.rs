@@ -80,7 +80,10 @@ pub struct Server {
 impl Server {
     /// Starts a server with `services.sh ARGS...`, which prints its PIDs.
     pub fn start(args: &[&str]) -> Self {
-        let pids = services(args).split_whitespace().map(str::to_string).collect();
+        let pids = services(args)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         Server { pids }
     }
 
@@ -94,6 +97,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let mut args = vec!["kill"];
         args.extend(self.pids.iter().map(String::as_str));
-        let _ = Command::new("bash").arg(services_script()).args(&args).status();
+        let _ = Command::new("bash")
+            .arg(services_script())
+            .args(&args)
+            .status();
     }
 }
