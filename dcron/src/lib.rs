@@ -1,4 +1,50 @@
-//! dcron: distributed cron.
+//! Distributed cron: every fire time of every task runs once in the
+//! cluster, on the node the distribution strategy picks, and keeps running
+//! when nodes come, go or crash.
+//!
+//! Nodes ([`Dcron`]) coordinate only through a [`Registry`]: Redis, etcd,
+//! ZooKeeper or Consul (cargo features `redis`, `etcd`, `zookeeper`,
+//! `consul`), or the in-process [`MemoryRegistry`].
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use dcron::{Dcron, MemoryRegistry, Strategy, TaskContext, TaskMeta};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> dcron::Result<()> {
+//! let registry = MemoryRegistry::new(); // shared by every node of the cluster
+//! let runs = Arc::new(AtomicUsize::new(0));
+//! let counter = runs.clone();
+//! let node = Dcron::builder(registry.clone())
+//!     .namespace("billing")
+//!     .strategy(Strategy::Consistent)
+//!     .task_handler(move |ctx: TaskContext| {
+//!         let counter = counter.clone();
+//!         async move {
+//!             println!("{} ({}) for {}", ctx.name(), ctx.payload(), ctx.scheduled());
+//!             counter.fetch_add(1, Ordering::SeqCst);
+//!             Ok(())
+//!         }
+//!     })
+//!     .build()?;
+//! // A static task, defined in code on the nodes that add it.
+//! node.add_func("heartbeat-report", "*/5 * * * * *", |_ctx: TaskContext| async { Ok(()) })
+//!     .await?;
+//! // A dynamic task, stored in the registry and run by the task handler.
+//! node.add_task_meta(TaskMeta::new("sync", "* * * * * *").with_payload("tenant-42"))
+//!     .await?;
+//! node.start().await?;
+//! while runs.load(Ordering::SeqCst) == 0 {
+//!     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+//! }
+//! node.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See the README for the semantics (claims, catch-up, tombstones,
+//! namespaces) and the strategies.
 mod builder;
 pub mod clock;
 mod dcron;

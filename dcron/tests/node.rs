@@ -1,0 +1,252 @@
+//! Node behaviour on the memory registry: task flags and their precedence,
+//! errors and panics, overlap, static ownership, force and cleanup calls,
+//! namespaces.
+
+mod cluster;
+mod conformance;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dcron::registry::Registry;
+use dcron::{Dcron, Error, MemoryRegistry, Overlap, TaskContext, TaskMeta};
+
+use cluster::{now_ms, Ledger};
+use conformance::{eventually, fresh_ns};
+
+fn recording_node(registry: &MemoryRegistry, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
+    let (recorder, me) = (ledger.clone(), id.to_string());
+    Dcron::builder(registry.clone())
+        .namespace(ns)
+        .node_id(id)
+        .task_handler(move |ctx: TaskContext| {
+            let (recorder, me) = (recorder.clone(), me.clone());
+            async move {
+                recorder.record(&ctx, &me);
+                Ok(())
+            }
+        })
+        .build()
+        .expect("node")
+}
+
+async fn ran(ledger: &Ledger, task: &str) {
+    let (l, t) = (ledger.clone(), task.to_string());
+    eventually(Duration::from_secs(5), &format!("{task} to run"), || {
+        let (l, t) = (l.clone(), t.clone());
+        async move { !l.fires(&t).is_empty() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_run_flags_and_their_precedence() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("flags");
+    let ledger = Ledger::default();
+    let node = recording_node(&registry, &ns, "n1", &ledger);
+    let mut cleanup = TaskMeta::new("cleanup", "* * * * * *");
+    cleanup.executed_and_cleanup = true;
+    let mut mark = TaskMeta::new("mark", "* * * * * *");
+    mark.executed_and_mark_deleted = true;
+    let once = TaskMeta::new("once", "* * * * * *").one_shot();
+    let mut once_cleanup = TaskMeta::new("once-cleanup", "* * * * * *").one_shot();
+    once_cleanup.executed_and_cleanup = true;
+    once_cleanup.executed_and_mark_deleted = true;
+    let mut all = TaskMeta::new("cleanup-wins", "* * * * * *");
+    all.executed_and_cleanup = true;
+    all.executed_and_mark_deleted = true;
+    for meta in [cleanup, mark, once, once_cleanup, all] {
+        node.add_task_meta(meta).await.expect("add");
+    }
+    node.start().await.expect("start");
+    let names = ["cleanup", "mark", "once", "once-cleanup", "cleanup-wins"];
+    for name in names {
+        ran(&ledger, name).await;
+    }
+    let r: Arc<dyn Registry> = Arc::new(registry.clone());
+    eventually(Duration::from_secs(5), "flags applied", || async {
+        let tombstones = r.tombstones(&ns).await.expect("tombstones");
+        let tasks: Vec<String> = r.tasks(&ns).await.expect("tasks").into_iter().map(|t| t.name).collect();
+        let mut t = tombstones.clone();
+        t.sort();
+        t == ["mark", "once", "once-cleanup"] && {
+            let mut k = tasks.clone();
+            k.sort();
+            k == ["mark", "once"]
+        }
+    })
+    .await;
+    let claims: Vec<String> = r.claims(&ns).await.expect("claims").into_iter().map(|c| c.0).collect();
+    assert!(!claims.contains(&"cleanup".to_string()) && !claims.contains(&"cleanup-wins".to_string()));
+    let stop_at = now_ms() + 2000;
+    while now_ms() < stop_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await.expect("stop");
+    for name in names {
+        assert_eq!(ledger.fires(name).len(), 1, "{name} ran {:?}", ledger.fires(name));
+    }
+    ledger.assert_no_duplicates();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_panics_reach_the_error_handler() {
+    let registry = MemoryRegistry::new();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = seen.clone();
+    let node = Dcron::builder(registry)
+        .namespace(fresh_ns("errors"))
+        .error_handler(move |meta, err| {
+            let kind = match err {
+                Error::TaskFailed { .. } => "failed",
+                Error::TaskPanicked { .. } => "panicked",
+                _ => "other",
+            };
+            sink.lock().unwrap().push(format!("{}:{kind}", meta.name));
+        })
+        .build()
+        .expect("node");
+    node.add_func("fails", "* * * * * *", |_| async { Err("boom".into()) }).await.expect("add");
+    node.add_func("panics", "* * * * * *", |_| async { panic!("kaboom") }).await.expect("add");
+    node.add_func("panics-later", "* * * * * *", |_| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        panic!("late kaboom")
+    })
+    .await
+    .expect("add");
+    node.start().await.expect("start");
+    eventually(Duration::from_secs(5), "all three reported", || async {
+        let s = seen.lock().unwrap().clone();
+        ["fails:failed", "panics:panicked", "panics-later:panicked"]
+            .iter()
+            .all(|w| s.iter().any(|x| x == w))
+    })
+    .await;
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_skip_and_allow() {
+    for (policy, expect_overlap) in [(Overlap::Skip, false), (Overlap::Allow, true)] {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_seen = Arc::new(AtomicUsize::new(0));
+        let starts = Arc::new(AtomicUsize::new(0));
+        let node = Dcron::builder(MemoryRegistry::new())
+            .namespace(fresh_ns("overlap"))
+            .overlap(policy)
+            .build()
+            .expect("node");
+        let (f, m, s) = (in_flight.clone(), max_seen.clone(), starts.clone());
+        node.add_func("slow", "* * * * * *", move |_| {
+            let (f, m, s) = (f.clone(), m.clone(), s.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2300)).await;
+                f.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .await
+        .expect("add");
+        node.start().await.expect("start");
+        eventually(Duration::from_secs(10), "three fire times to pass", || async {
+            starts.load(Ordering::SeqCst) >= 2
+        })
+        .await;
+        node.stop().await.expect("stop");
+        assert_eq!(max_seen.load(Ordering::SeqCst) > 1, expect_overlap, "{policy:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_tasks_run_only_where_defined() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("defined");
+    let ledger = Ledger::default();
+    let a = recording_node(&registry, &ns, "a", &ledger);
+    let b = recording_node(&registry, &ns, "b", &ledger);
+    let c = recording_node(&registry, &ns, "c", &ledger);
+    let names: Vec<String> = (0..12).map(|i| format!("only-a-{i}")).collect();
+    cluster::add_static(&a, &names, "* * * * * *", &ledger).await;
+    for n in [&a, &b, &c] {
+        n.start().await.expect("start");
+    }
+    let from = now_ms() + 1500;
+    eventually(Duration::from_secs(10), "runs after all joined", || async {
+        names.iter().all(|t| ledger.fires(t).iter().any(|f| *f > from))
+    })
+    .await;
+    assert!(ledger.runs().iter().all(|r| r.node == "a"), "a static task ran on a node lacking it");
+    assert_eq!(a.my_running_tasks().len(), names.len());
+    for n in [&a, &b, &c] {
+        n.stop().await.expect("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_add_cleanup_and_wipe() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("force");
+    let node = Dcron::builder(registry.clone()).namespace(&ns).build().expect("node");
+    let noop = |_: TaskContext| async { Ok(()) };
+    node.add_func("s", "* * * * * *", noop).await.expect("add");
+    assert!(matches!(node.add_func("s", "* * * * * *", noop).await, Err(Error::TaskExists(_))));
+    node.mark_task_deleted("s").await.expect("delete");
+    assert!(matches!(node.add_func("s", "* * * * * *", noop).await, Err(Error::TaskDeleted(_))));
+    node.force_add_func("s", "*/2 * * * * *", noop).await.expect("force add");
+    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+
+    node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await.expect("add");
+    assert!(registry.claim(&ns, "d", &dcron::registry::Claim { fire_time: i64::MAX - 1, node: "x".into(), claimed_at: 0 }).await.expect("claim"));
+    node.mark_task_deleted("d").await.expect("delete");
+    assert!(matches!(node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await, Err(Error::TaskDeleted(_))));
+    node.force_add_task_meta(TaskMeta::new("d", "*/3 * * * * *").with_payload("v2")).await.expect("force");
+    let tasks = registry.tasks(&ns).await.expect("tasks");
+    assert_eq!(tasks, vec![TaskMeta::new("d", "*/3 * * * * *").with_payload("v2")]);
+    assert!(registry.claims(&ns).await.expect("claims").is_empty(), "force clears the claim");
+    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+
+    node.mark_task_deleted("d").await.expect("delete");
+    node.cleanup_task("d").await.expect("cleanup");
+    assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
+    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await.expect("add after cleanup");
+
+    node.force_add_one_shot_func("o", "* * * * * *", noop).await.expect("one-shot");
+    node.mark_task_deleted("o").await.expect("delete");
+    node.force_cleanup_all_tasks().await.expect("wipe");
+    assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
+    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert!(registry.claims(&ns).await.expect("claims").is_empty());
+    let mut all = node.all_tasks();
+    all.sort();
+    assert_eq!(all, ["o", "s"], "static definitions stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_run_independently() {
+    let registry = MemoryRegistry::new();
+    let ledger = Ledger::default();
+    let (ns1, ns2) = (fresh_ns("ns-one"), fresh_ns("ns-two"));
+    let one = recording_node(&registry, &ns1, "same-id", &ledger);
+    let two = recording_node(&registry, &ns2, "same-id", &ledger);
+    for (n, ns) in [(&one, &ns1), (&two, &ns2)] {
+        n.add_task_meta(TaskMeta::new("job", "* * * * * *").with_payload(ns.as_str())).await.expect("add");
+        n.start().await.expect("start");
+    }
+    assert_eq!(one.nodes().await.expect("nodes").len(), 1);
+    eventually(Duration::from_secs(5), "both namespaces to run job", || async {
+        ledger.runs().iter().filter(|r| r.task == "job").count() >= 2
+    })
+    .await;
+    one.mark_task_deleted("job").await.expect("delete in one");
+    assert!(registry.tombstones(&ns2).await.expect("tombstones").is_empty());
+    for n in [&one, &two] {
+        n.stop().await.expect("stop");
+    }
+}
