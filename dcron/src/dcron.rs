@@ -604,7 +604,7 @@ impl Inner {
             WatchEvent::TaskPut(meta) => {
                 let meta = Arc::new(meta);
                 let old = st.view.tasks.insert(meta.name.clone(), meta.clone());
-                (old.as_deref() != Some(&*meta)).then(|| Event::Task(TaskEvent::Put(meta)))
+                (old.as_deref() != Some(&*meta)).then_some(Event::Task(TaskEvent::Put(meta)))
             }
             WatchEvent::TaskDelete(name) => st
                 .view
@@ -615,12 +615,12 @@ impl Inner {
                 .view
                 .tombstones
                 .insert(name.clone())
-                .then(|| Event::Task(TaskEvent::Tombstoned(name))),
+                .then_some(Event::Task(TaskEvent::Tombstoned(name))),
             WatchEvent::TombstoneDelete(name) => st
                 .view
                 .tombstones
                 .remove(&name)
-                .then(|| Event::Task(TaskEvent::Revived(name))),
+                .then_some(Event::Task(TaskEvent::Revived(name))),
             WatchEvent::Resync => None,
         };
         drop(st);

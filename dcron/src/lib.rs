@@ -65,6 +65,6 @@ pub use error::{BoxError, Error, Result};
 pub use events::{Event, NodeEvent, TaskEvent};
 pub use node::{Node, NodeStatus};
 pub use registry::{MemoryRegistry, Registry};
-pub use strategy::{Assigner, Strategy};
+pub use strategy::{Assigner, ParseStrategyError, Strategy};
 pub use task::{Task, TaskContext, TaskMeta, TaskResult};
 pub use view::ownership;

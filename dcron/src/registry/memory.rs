@@ -62,6 +62,7 @@ struct State {
     spaces: HashMap<String, Space>,
 }
 
+#[derive(Default)]
 struct Space {
     nodes: BTreeMap<String, NodeSlot>,
     tasks: BTreeMap<String, Vec<u8>>,
@@ -93,18 +94,6 @@ enum ClaimSlot {
     Corrupt(Vec<u8>),
 }
 
-impl Default for Space {
-    fn default() -> Self {
-        Space {
-            nodes: BTreeMap::new(),
-            tasks: BTreeMap::new(),
-            tombstones: BTreeMap::new(),
-            claims: FxHashMap::default(),
-            claimers: Vec::new(),
-            watchers: Vec::new(),
-        }
-    }
-}
 
 impl MemoryRegistry {
     /// A new, empty registry.

@@ -7,7 +7,7 @@
 //! mod cluster;
 //! cluster::suite!(my_harness());
 //! ```
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use dcron::{Dcron, Error, Strategy, TaskContext, TaskMeta};
 
-use crate::conformance::{eventually, fresh_ns, init_tracing, Harness};
+use crate::conformance::{eventually, fresh_ns, Harness};
 
 macro_rules! suite {
     ($harness:expr) => {

@@ -9,7 +9,7 @@
 //!
 //! Each test works in its own fresh namespace, so tests run concurrently
 //! against one shared server without seeing each other.
-#![allow(dead_code, async_fn_in_trait)]
+#![allow(dead_code, async_fn_in_trait, unused_macros, unused_imports)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
