@@ -175,6 +175,11 @@ impl Dcron {
         self.inner.lock().me.id.clone()
     }
 
+    /// The registry this node coordinates through.
+    pub fn registry(&self) -> Arc<dyn Registry> {
+        self.inner.registry.clone()
+    }
+
     /// The namespace this node works in.
     pub fn namespace(&self) -> &str {
         &self.inner.ns

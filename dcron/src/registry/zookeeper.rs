@@ -20,6 +20,43 @@
 //! Changes arrive by three persistent recursive watches, on `/ns/nodes`,
 //! `/ns/tasks` and `/ns/deleted`; `/ns/claims` is not watched, so a fire
 //! costs no watch traffic.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use dcron::registry::ZookeeperRegistry;
+//! use dcron::{Dcron, Strategy, TaskContext, TaskMeta};
+//!
+//! #[tokio::main]
+//! async fn main() -> dcron::Result<()> {
+//!     // Several servers and an optional chroot (created if missing).
+//!     let registry = ZookeeperRegistry::builder("zk1:2181,zk2:2181,zk3:2181/dcron")
+//!         .session_timeout(Duration::from_secs(10)) // = how long a crashed node stays listed
+//!         .connect()
+//!         .await?;
+//!
+//!     let node = Dcron::builder(registry)
+//!         .namespace("billing")
+//!         .strategy(Strategy::Consistent)
+//!         .task_handler(|ctx: TaskContext| async move {
+//!             println!("{} payload={} fire={}", ctx.name(), ctx.payload(), ctx.fire_time);
+//!             Ok(())
+//!         })
+//!         .build()?;
+//!
+//!     node.add_func("nightly-report", "0 30 2 * * *", |ctx: TaskContext| async move {
+//!         println!("report for {}", ctx.scheduled());
+//!         Ok(())
+//!     })
+//!     .await?;
+//!     node.add_task_meta(TaskMeta::new("sync-invoices", "*/10 * * * * *").with_payload(r#"{"tenant":42}"#))
+//!         .await?;
+//!
+//!     node.start().await?;
+//!     dcron::shutdown_signal().await;
+//!     node.stop().await
+//! }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
@@ -748,24 +785,28 @@ impl ZookeeperRegistry {
         drop(dropped);
     }
 
+    /// Claims one fire: compare-and-set on the znode version, bounded
+    /// rounds. `client: None` waits (until `deadline`) for a connected
+    /// session; `written` means an earlier write of exactly this claim may
+    /// have applied without an answer, so finding it stored means we won.
     async fn claim_one(
         &self,
-        client: Client,
+        client: Option<Client>,
         path: &str,
         claim: &Claim,
         written: bool,
+        deadline: Instant,
     ) -> Result<bool> {
         let inner = &*self.inner;
         let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or(path);
         let data = codec::encode(claim);
-        let mut client = client;
+        let wait = || inner.session_waiting(deadline.saturating_duration_since(Instant::now()));
+        let mut client = match client {
+            Some(client) if !written => client,
+            _ => wait().await?,
+        };
         // Set once a write's answer was lost: the write may have applied.
         let mut maybe_written = written;
-        if maybe_written {
-            client = inner
-                .session_waiting(inner.settings.request_timeout)
-                .await?;
-        }
         for _ in 0..MAX_ATTEMPTS {
             let write = match client.get_data(path).await {
                 Ok((raw, stat)) => {
@@ -786,9 +827,7 @@ impl ZookeeperRegistry {
                     .await
                     .map(|_| ()),
                 Err(zk::Error::ConnectionLoss) if maybe_written => {
-                    client = inner
-                        .session_waiting(inner.settings.request_timeout)
-                        .await?;
+                    client = wait().await?;
                     continue;
                 }
                 Err(err) => return Err(zk_err(format!("reading claim {path}"), err)),
@@ -804,9 +843,7 @@ impl ZookeeperRegistry {
                 }
                 Err(zk::Error::ConnectionLoss) => {
                     maybe_written = true;
-                    client = inner
-                        .session_waiting(inner.settings.request_timeout)
-                        .await?;
+                    client = wait().await?;
                 }
                 Err(err) => return Err(zk_err(format!("writing claim {path}"), err)),
             }
@@ -817,7 +854,14 @@ impl ZookeeperRegistry {
         ))
     }
 
+    /// Settling waits end here, inside the call's own bound, so a batch
+    /// with won claims is answered rather than timed out as a whole.
+    fn claim_deadline(&self) -> Instant {
+        Instant::now() + self.inner.settings.request_timeout * 4 / 5
+    }
+
     async fn claim_batch(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
+        let deadline = self.claim_deadline();
         let inner = &*self.inner;
         let paths = Paths::new(ns)?;
         let claim_paths = tasks
@@ -839,57 +883,87 @@ impl ZookeeperRegistry {
             inner.ensure_dir(&client, &paths.claims()).await?;
         }
 
-        // Round 2: compare-and-set every claim that can win, pipelined.
-        enum Step {
-            Done(bool),
-            Write,
-            Retry { written: bool },
-            Failed(Error),
-        }
-        let mut steps: Vec<Step> = Vec::with_capacity(tasks.len());
-        type WriteFut<'a> =
-            Pin<Box<dyn Future<Output = std::result::Result<(), zk::Error>> + Send + 'a>>;
-        let mut writes: Vec<(usize, WriteFut<'_>)> = Vec::new();
-        let persistent = inner.settings.persistent();
+        // Round 2: compare-and-set every claim that can win. Uncontended
+        // (the usual case: only the owner claims), one multi-op per chunk
+        // commits them all in one transaction; if any of them lost a race,
+        // the multi changed nothing and they are retried one by one.
+        let mut steps: Vec<ClaimStep> = Vec::with_capacity(tasks.len());
+        let mut writes: Vec<(usize, Option<i32>)> = Vec::new();
         for (i, read) in reads.into_iter().enumerate() {
             let path = &claim_paths[i];
             match read {
                 Ok((raw, stat)) => {
                     let stored = codec::decode_claim(BACKEND, path, &raw);
                     if stored.is_some_and(|s| s.fire_time >= claim.fire_time) {
-                        steps.push(Step::Done(false));
+                        steps.push(ClaimStep::Done(false));
                     } else {
-                        let fut = client.set_data(path, &data, Some(stat.version));
-                        writes.push((i, Box::pin(async move { fut.await.map(|_| ()) })));
-                        steps.push(Step::Write);
+                        writes.push((i, Some(stat.version)));
+                        steps.push(ClaimStep::Write);
                     }
                 }
                 Err(zk::Error::NoNode) => {
-                    let fut = client.create(path, &data, &persistent);
-                    writes.push((i, Box::pin(async move { fut.await.map(|_| ()) })));
-                    steps.push(Step::Write);
+                    writes.push((i, None));
+                    steps.push(ClaimStep::Write);
                 }
-                Err(zk::Error::ConnectionLoss) => steps.push(Step::Failed(disconnected_error())),
-                Err(err) => steps.push(Step::Failed(zk_err(format!("reading claim {path}"), err))),
-            }
-            // Keep at most PIPELINE writes in flight.
-            if writes.len() >= PIPELINE {
-                for (j, fut) in writes.drain(..) {
-                    steps[j] = write_step(fut.await);
-                }
+                // Nothing written: claim it again once reconnected.
+                Err(zk::Error::ConnectionLoss) => steps.push(ClaimStep::Retry { written: false }),
+                Err(err) => steps.push(ClaimStep::Failed(zk_err(
+                    format!("reading claim {path}"),
+                    err,
+                ))),
             }
         }
-        for (j, fut) in writes.drain(..) {
-            steps[j] = write_step(fut.await);
-        }
-        fn write_step(result: std::result::Result<(), zk::Error>) -> Step {
-            match result {
-                Ok(()) => Step::Done(true),
-                Err(zk::Error::BadVersion | zk::Error::NodeExists | zk::Error::NoNode) => {
-                    Step::Retry { written: false }
+        let persistent = inner.settings.persistent();
+        for chunk in writes.chunks(PIPELINE) {
+            if chunk.len() > 1 {
+                let mut multi = client.new_multi_writer();
+                for &(i, version) in chunk {
+                    let added = match version {
+                        Some(v) => multi.add_set_data(&claim_paths[i], &data, Some(v)),
+                        None => multi.add_create(&claim_paths[i], &data, &persistent),
+                    };
+                    if let Err(err) = added {
+                        return Err(zk_err("building a claim transaction", err));
+                    }
                 }
-                Err(zk::Error::ConnectionLoss) => Step::Retry { written: true },
-                Err(err) => Step::Failed(zk_err("writing claim", err)),
+                match multi.commit().await {
+                    Ok(_) => {
+                        for &(i, _) in chunk {
+                            steps[i] = ClaimStep::Done(true);
+                        }
+                        continue;
+                    }
+                    // Nothing applied: fall through to one write per claim.
+                    Err(zk::MultiWriteError::OperationFailed { .. }) => {}
+                    Err(zk::MultiWriteError::RequestFailed { source }) => {
+                        for &(i, _) in chunk {
+                            steps[i] = write_step(Err(source.clone()));
+                        }
+                        continue;
+                    }
+                }
+            }
+            // Pipelined single writes: sent together, awaited in order.
+            type WriteFut<'a> =
+                Pin<Box<dyn Future<Output = std::result::Result<(), zk::Error>> + Send + 'a>>;
+            let pending: Vec<(usize, WriteFut<'_>)> = chunk
+                .iter()
+                .map(|&(i, version)| -> (usize, WriteFut<'_>) {
+                    let path = &claim_paths[i];
+                    match version {
+                        Some(v) => {
+                            let fut = client.set_data(path, &data, Some(v));
+                            (i, Box::pin(async move { fut.await.map(|_| ()) }))
+                        }
+                        None => {
+                            let fut = client.create(path, &data, &persistent);
+                            (i, Box::pin(async move { fut.await.map(|_| ()) }))
+                        }
+                    }
+                })
+                .collect();
+            for (i, fut) in pending {
+                steps[i] = write_step(fut.await);
             }
         }
 
@@ -898,23 +972,21 @@ impl ZookeeperRegistry {
         let mut first_error = None;
         for (i, step) in steps.into_iter().enumerate() {
             let result = match step {
-                Step::Done(w) => Ok(w),
-                Step::Retry { written } => {
-                    let client = match written {
-                        true => client.clone(),
-                        false => match inner.session().await {
-                            Ok(c) => c,
-                            Err(err) => {
-                                won.push(Err(err));
-                                continue;
-                            }
-                        },
-                    };
-                    self.claim_one(client, &claim_paths[i], claim, written)
-                        .await
+                ClaimStep::Done(w) => Ok(w),
+                ClaimStep::Retry { written } => {
+                    let one = self.claim_one(None, &claim_paths[i], claim, written, deadline);
+                    match tokio::time::timeout_at(deadline, one).await {
+                        Ok(result) => result,
+                        Err(_) => Err(Error::Timeout {
+                            what: format!("settling claim {}", claim_paths[i]),
+                            after: inner.settings.request_timeout * 4 / 5,
+                        }),
+                    }
                 }
-                Step::Failed(err) => Err(err),
-                Step::Write => Err(Error::registry_msg(BACKEND, "claim write was not awaited")),
+                ClaimStep::Failed(err) => Err(err),
+                ClaimStep::Write => {
+                    Err(Error::registry_msg(BACKEND, "claim write was not awaited"))
+                }
             };
             won.push(result);
         }
@@ -1179,7 +1251,8 @@ impl Registry for ZookeeperRegistry {
         inner
             .bounded("claiming a fire", async {
                 let client = inner.session().await?;
-                self.claim_one(client, &path, claim, false).await
+                self.claim_one(Some(client), &path, claim, false, self.claim_deadline())
+                    .await
             })
             .await
     }
@@ -1558,4 +1631,27 @@ impl Feed {
 
 fn is_terminal(event: &WatchedEvent) -> bool {
     event.event_type == EventType::Session && event.session_state.is_terminated()
+}
+
+/// Where one claim of a [`ZookeeperRegistry::claim_many`] batch stands.
+enum ClaimStep {
+    Done(bool),
+    /// Its compare-and-set is queued.
+    Write,
+    /// Lost a race (retry) or the answer was lost (`written`: settle it).
+    Retry {
+        written: bool,
+    },
+    Failed(Error),
+}
+
+fn write_step(result: std::result::Result<(), zk::Error>) -> ClaimStep {
+    match result {
+        Ok(()) => ClaimStep::Done(true),
+        Err(zk::Error::BadVersion | zk::Error::NodeExists | zk::Error::NoNode) => {
+            ClaimStep::Retry { written: false }
+        }
+        Err(zk::Error::ConnectionLoss) => ClaimStep::Retry { written: true },
+        Err(err) => ClaimStep::Failed(zk_err("writing claim", err)),
+    }
 }

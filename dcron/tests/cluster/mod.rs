@@ -289,7 +289,6 @@ pub async fn crashed_node_tasks_move_after_ttl(h: &impl Harness) {
     let ns = fresh_ns("cluster-crash");
     let ledger = Ledger::default();
     let tasks = names("work", 20);
-    let registry = h.registry().await;
     let nodes = three_nodes(h, &ns, &tasks, &cron, &ledger).await;
     settled(&nodes, &tasks).await;
     let orphaned = nodes[2].my_running_tasks();
@@ -311,7 +310,7 @@ pub async fn crashed_node_tasks_move_after_ttl(h: &impl Harness) {
     until(missed - 300).await;
     let crashed_at = now_ms();
     nodes[2].kill().await;
-    h.crash(&registry, &ns, "node-c").await;
+    h.crash(&nodes[2].registry(), &ns, "node-c").await;
     settled(&nodes[..2], &tasks).await;
     tracing::info!(
         took_ms = now_ms() - crashed_at,
