@@ -73,11 +73,12 @@ pub(crate) struct Job {
     pub body: Arc<dyn Task>,
 }
 
-impl Job {
-    fn same_as(&self, other: &Job) -> bool {
-        Arc::ptr_eq(&self.schedule, &other.schedule)
-            && Arc::ptr_eq(&self.body, &other.body)
-            && self.meta == other.meta
+impl Entry {
+    /// Whether the entry already runs `job` as given.
+    fn same_as(&self, job: &Job) -> bool {
+        Arc::ptr_eq(&self.schedule, &job.schedule)
+            && Arc::ptr_eq(&self.runnable.body, &job.body)
+            && self.runnable.meta == job.meta
     }
 }
 
@@ -114,7 +115,7 @@ struct State {
 }
 
 struct Entry {
-    job: Job,
+    schedule: Arc<Schedule>,
     generation: u64,
     runnable: Arc<Runnable>,
 }
@@ -209,7 +210,7 @@ impl Engine {
             .index
             .iter()
             .filter(|(name, &slot)| match (wanted.get(name.0.name.as_str()), &st.slots[slot as usize]) {
-                (Some(job), Some(entry)) => !entry.job.same_as(job),
+                (Some(job), Some(entry)) => !entry.same_as(job),
                 _ => true,
             })
             .map(|(name, _)| name.0.name.clone())
@@ -346,7 +347,7 @@ impl Engine {
                 let Some(entry) = st.live(fire) else { continue };
                 let runnable = entry.runnable.clone();
                 if fire.regular {
-                    let schedule = &entry.job.schedule;
+                    let schedule = &entry.schedule;
                     let key = (Arc::as_ptr(schedule) as *const () as usize, fire.fire_time);
                     let next = *next_cache
                         .entry(key)
@@ -657,12 +658,12 @@ impl State {
         self.generation += 1;
         let name = Name(job.meta.clone());
         let runnable = Arc::new(Runnable {
-            meta: job.meta.clone(),
-            body: job.body.clone(),
+            meta: job.meta,
+            body: job.body,
             running: AtomicUsize::new(0),
         });
         let entry = Entry {
-            job,
+            schedule: job.schedule,
             generation: self.generation,
             runnable,
         };

@@ -29,18 +29,18 @@ pub(crate) fn assign<'v>(
     view: &'v View,
     local: Option<(&str, Vec<&'v str>)>,
     assigner: &dyn Assigner,
-) -> BTreeMap<&'v str, &'v str> {
+) -> Vec<(&'v str, &'v str)> {
     let working: Vec<&Node> = view
         .nodes
         .values()
         .filter(|n| n.status == NodeStatus::Working)
         .collect();
-    let mut owners = BTreeMap::new();
+    let mut owners = Vec::new();
     if working.is_empty() {
         return owners;
     }
-    // Static task name → indices (into `working`) of the nodes defining it.
-    let mut definers: HashMap<&str, Vec<u32>> = HashMap::new();
+    // Static task name → the working nodes defining it.
+    let mut definers: HashMap<&str, NodeSet> = HashMap::new();
     let mut local = local;
     for (i, node) in working.iter().enumerate() {
         let names: Vec<&'v str> = match &mut local {
@@ -49,44 +49,78 @@ pub(crate) fn assign<'v>(
         };
         for name in names {
             if !view.tombstones.contains(name) {
-                definers.entry(name).or_default().push(i as u32);
+                definers
+                    .entry(name)
+                    .or_insert_with(|| NodeSet::empty(working.len()))
+                    .insert(i);
             }
         }
     }
-    // Eligible node set → its tasks. The empty key means "every working node".
-    let mut groups: HashMap<Vec<u32>, Vec<&str>> = HashMap::new();
+    // Eligible node set → its tasks; dynamic tasks may go to every node.
+    let everyone = NodeSet::all(working.len());
+    let mut groups: HashMap<NodeSet, Vec<&str>> = HashMap::new();
     for name in view.tasks.keys() {
         if !view.tombstones.contains(name) && !definers.contains_key(name.as_str()) {
-            groups.entry(Vec::new()).or_default().push(name);
+            groups.entry(everyone.clone()).or_default().push(name);
         }
     }
     for (name, nodes) in definers {
-        let key = if nodes.len() == working.len() { Vec::new() } else { nodes };
-        groups.entry(key).or_default().push(name);
+        groups.entry(nodes).or_default().push(name);
     }
-    for (key, mut tasks) in groups {
+    for (set, mut tasks) in groups {
         tasks.sort_unstable();
-        let members: Vec<&Node> = if key.is_empty() {
-            working.clone()
-        } else {
-            key.iter().map(|&i| working[i as usize]).collect()
-        };
+        let members: Vec<&Node> = set.members().map(|i| working[i]).collect();
         // Assigners see nodes without their (possibly long) task lists.
-        let light: Vec<Node> = members
-            .iter()
-            .map(|n| Node {
-                static_tasks: Vec::new(),
-                ..Node::clone_header(n)
-            })
-            .collect();
+        let light: Vec<Node> = members.iter().map(|n| n.clone_header()).collect();
         let picks = assigner.assign(&light, &tasks);
         for (task, pick) in tasks.into_iter().zip(picks) {
             if let Some(owner) = members.get(pick) {
-                owners.insert(task, owner.id.as_str());
+                owners.push((task, owner.id.as_str()));
             }
         }
     }
     owners
+}
+
+/// A set of indices into the working nodes: a bit set for clusters of up
+/// to 128 nodes (no allocation per task), a sorted list beyond.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum NodeSet {
+    Bits(u128),
+    List(Vec<usize>),
+}
+
+impl NodeSet {
+    fn empty(nodes: usize) -> NodeSet {
+        if nodes <= 128 {
+            NodeSet::Bits(0)
+        } else {
+            NodeSet::List(Vec::new())
+        }
+    }
+
+    fn all(nodes: usize) -> NodeSet {
+        let mut set = NodeSet::empty(nodes);
+        for i in 0..nodes {
+            set.insert(i);
+        }
+        set
+    }
+
+    /// Inserts `i`; indices arrive in increasing order.
+    fn insert(&mut self, i: usize) {
+        match self {
+            NodeSet::Bits(bits) => *bits |= 1u128 << i,
+            NodeSet::List(list) => list.push(i),
+        }
+    }
+
+    fn members(&self) -> Box<dyn Iterator<Item = usize> + '_> {
+        match self {
+            NodeSet::Bits(bits) => Box::new((0..128).filter(move |i| bits & (1u128 << i) != 0)),
+            NodeSet::List(list) => Box::new(list.iter().copied()),
+        }
+    }
 }
 
 impl Node {
@@ -159,7 +193,7 @@ mod tests {
         view.tasks.insert("gone".into(), Arc::new(TaskMeta::new("gone", "* * * * *")));
         view.tombstones.insert("gone".into());
         for strategy in Strategy::ALL {
-            let owners = assign(&view, None, &strategy);
+            let owners: BTreeMap<&str, &str> = assign(&view, None, &strategy).into_iter().collect();
             assert_eq!(owners.get("s1"), Some(&"a"), "{strategy:?}");
             assert!(!owners.contains_key("s3"), "no working node defines s3");
             assert!(!owners.contains_key("gone"), "tombstoned");
