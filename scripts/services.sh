@@ -23,7 +23,8 @@ STOP_TIMEOUT=${DCRON_STOP_TIMEOUT:-3}     # seconds between SIGTERM and SIGKILL 
                                           # an etcd leader would spend 5 s on a futile leadership transfer)
 
 APT_PACKAGES=(redis-server redis-tools etcd-server etcd-client zookeeper
-              protobuf-compiler libprotobuf-dev curl procps)
+              protobuf-compiler libprotobuf-dev curl procps
+              libssl-dev pkg-config)
 ZK_CLASSPATH=/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar
 
 # Ports of the shared servers started by `up`.
