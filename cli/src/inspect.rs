@@ -381,6 +381,7 @@ mod tests {
             status: NodeStatus::Working,
             weight: 1,
             strategy: strategy.map(str::to_string),
+            dynamic_tasks: true,
             static_tasks: Vec::new(),
         }
     }

@@ -24,6 +24,7 @@ fn node(i: usize) -> Node {
         status: NodeStatus::Working,
         weight: 1,
         strategy: None,
+        dynamic_tasks: true,
         static_tasks: Vec::new(),
     }
 }

@@ -128,6 +128,7 @@ impl Dcron {
             status: NodeStatus::Starting,
             weight: b.weight,
             strategy: Some(b.strategy_name.clone()),
+            dynamic_tasks: b.task_handler.is_some(),
             static_tasks: Vec::new(),
         };
         let engine = Engine::new(EngineConfig {
@@ -593,9 +594,10 @@ impl Inner {
                     // Our own static tasks are known locally; don't keep a copy.
                     node.static_tasks = Vec::new();
                 }
+                // `last_alive` moves with heartbeats: not a change of the record.
                 let ev = match st.view.nodes.get(&node.id) {
                     None => Some(NodeEvent::Put(node.clone())),
-                    Some(old) if *old != node => Some(NodeEvent::Changed(node.clone())),
+                    Some(old) if !old.same_record(&node) => Some(NodeEvent::Changed(node.clone())),
                     Some(_) => None,
                 };
                 st.view.nodes.insert(node.id.clone(), node);

@@ -2,7 +2,7 @@
 //! node owns. Due fires are claimed in the registry in one batch per fire
 //! time, and only the won fires run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
@@ -78,7 +79,7 @@ impl Entry {
     fn same_as(&self, job: &Job) -> bool {
         Arc::ptr_eq(&self.schedule, &job.schedule)
             && Arc::ptr_eq(&self.runnable.body, &job.body)
-            && self.runnable.meta == job.meta
+            && (Arc::ptr_eq(&self.runnable.meta, &job.meta) || self.runnable.meta == job.meta)
     }
 }
 
@@ -107,7 +108,7 @@ pub(crate) struct Engine {
 struct State {
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
-    index: HashMap<Name, u32>,
+    index: FxHashMap<Name, u32>,
     /// Due time (epoch ms) → fires due then.
     queue: BTreeMap<i64, Vec<Fire>>,
     generation: u64,
@@ -170,6 +171,8 @@ struct Fire {
 
 /// Longest pause between claim retries after registry errors.
 const MAX_RETRY_PAUSE_MS: i64 = 5_000;
+/// Smallest share of a batch worth running on another worker thread.
+const PARALLEL_MIN: usize = 2048;
 /// Longest claim lead: claims are never taken further ahead than this.
 const MAX_LEAD_MS: i64 = 200;
 
@@ -205,7 +208,7 @@ impl Engine {
     pub fn set_jobs(&self, jobs: Vec<Job>) -> Vec<(String, Arc<Schedule>)> {
         let now = self.cfg.clock.now_ms();
         let mut st = self.lock();
-        let wanted: HashMap<&str, &Job> = jobs.iter().map(|j| (j.meta.name.as_str(), j)).collect();
+        let wanted: FxHashMap<&str, &Job> = jobs.iter().map(|j| (j.meta.name.as_str(), j)).collect();
         let stale: Vec<String> = st
             .index
             .iter()
@@ -220,7 +223,7 @@ impl Engine {
             st.remove(name);
         }
         let mut added = Vec::new();
-        let mut next_cache: HashMap<usize, Option<i64>> = HashMap::new();
+        let mut next_cache: FxHashMap<usize, Option<i64>> = FxHashMap::default();
         for job in jobs {
             if st.index.contains_key(job.meta.name.as_str()) {
                 continue;
@@ -342,7 +345,7 @@ impl Engine {
         let mut ready = Vec::with_capacity(batch.len());
         {
             let mut st = self.lock();
-            let mut next_cache: HashMap<(usize, i64), Option<i64>> = HashMap::new();
+            let mut next_cache: FxHashMap<(usize, i64), Option<i64>> = FxHashMap::default();
             for fire in batch {
                 let Some(entry) = st.live(fire) else { continue };
                 let runnable = entry.runnable.clone();
@@ -399,14 +402,35 @@ impl Engine {
                 }
             };
             self.learn_claim_cost(started.elapsed(), names.len());
+            let winners: Vec<&Ready> = group
+                .iter()
+                .zip(won)
+                .filter_map(|((_, ready), won)| won.then_some(ready))
+                .collect();
+            // Large batches are run by every worker thread at once: the
+            // other parts are handed over (owned) now, started at fire time.
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            let parts = workers.min(winners.len() / PARALLEL_MIN).max(1);
+            let size = winners.len().div_ceil(parts).max(1);
+            let handed: Vec<Vec<Ready>> = winners
+                .chunks(size)
+                .skip(1)
+                .map(|part| part.iter().map(|r| Ready { fire_time: r.fire_time, runnable: r.runnable.clone() }).collect())
+                .collect();
             let early = fire_time - self.cfg.clock.now_ms();
             if early > 0 {
                 tokio::time::sleep(Duration::from_millis(early as u64)).await;
             }
-            for ((_, ready), won) in group.iter().zip(won) {
-                if won {
-                    self.dispatch(ready);
-                }
+            for part in handed {
+                let busy = Busy::new(self.clone());
+                tokio::spawn(async move {
+                    for ready in &part {
+                        busy.0.dispatch(ready);
+                    }
+                });
+            }
+            for ready in winners.iter().take(size) {
+                self.dispatch(ready);
             }
         }
     }

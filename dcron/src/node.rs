@@ -56,13 +56,46 @@ pub struct Node {
     /// a custom [`Assigner`](crate::Assigner)); lets tools show owners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// Whether the node runs dynamic tasks (it has a task handler); nodes
+    /// without one are never assigned dynamic tasks.
+    #[serde(default = "yes")]
+    pub dynamic_tasks: bool,
     /// Names of the static tasks this node defines, sorted. Only nodes that
     /// define a static task may own it.
     #[serde(default)]
     pub static_tasks: Vec<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl Node {
+    /// Equal records apart from `last_alive` (which moves with heartbeats).
+    pub(crate) fn same_record(&self, other: &Node) -> bool {
+        let Node {
+            id,
+            ip,
+            hostname,
+            last_alive: _,
+            create_time,
+            status,
+            weight,
+            strategy,
+            dynamic_tasks,
+            static_tasks,
+        } = self;
+        *id == other.id
+            && *ip == other.ip
+            && *hostname == other.hostname
+            && *create_time == other.create_time
+            && *status == other.status
+            && *weight == other.weight
+            && *strategy == other.strategy
+            && *dynamic_tasks == other.dynamic_tasks
+            && *static_tasks == other.static_tasks
+    }
+
     /// Whether this node defines the static task `name`.
     pub fn defines(&self, name: &str) -> bool {
         self.static_tasks

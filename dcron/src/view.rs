@@ -1,6 +1,8 @@
 //! What a node knows of the cluster, and who owns which task in it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::node::{Node, NodeStatus};
@@ -17,8 +19,8 @@ pub(crate) struct View {
 
 /// Who owns each live (not tombstoned) task: task name → owner node id.
 ///
-/// Only `working` nodes own tasks. A dynamic task may go to any of them; a
-/// static task only to the working nodes that define it. Tasks with the
+/// Only `working` nodes own tasks. A dynamic task may go to any of them
+/// that has a task handler; a static task only to those that define it. Tasks with the
 /// same set of eligible nodes are assigned together, so strategies that
 /// look at the whole task list (Range, RoundRobin) see a consistent one.
 /// When a name is both static and dynamic, the static definition wins.
@@ -40,7 +42,7 @@ pub(crate) fn assign<'v>(
         return owners;
     }
     // Static task name → the working nodes defining it.
-    let mut definers: HashMap<&str, NodeSet> = HashMap::new();
+    let mut definers: FxHashMap<&str, NodeSet> = FxHashMap::default();
     let mut local = local;
     for (i, node) in working.iter().enumerate() {
         let names: Vec<&'v str> = match &mut local {
@@ -56,12 +58,20 @@ pub(crate) fn assign<'v>(
             }
         }
     }
-    // Eligible node set → its tasks; dynamic tasks may go to every node.
-    let everyone = NodeSet::all(working.len());
-    let mut groups: HashMap<NodeSet, Vec<&str>> = HashMap::new();
-    for name in view.tasks.keys() {
-        if !view.tombstones.contains(name) && !definers.contains_key(name.as_str()) {
-            groups.entry(everyone.clone()).or_default().push(name);
+    // Eligible node set → its tasks; dynamic tasks go to the nodes that
+    // run them (those with a task handler).
+    let mut handlers = NodeSet::empty(working.len());
+    for (i, node) in working.iter().enumerate() {
+        if node.dynamic_tasks {
+            handlers.insert(i);
+        }
+    }
+    let mut groups: FxHashMap<NodeSet, Vec<&str>> = FxHashMap::default();
+    if !handlers.is_empty() {
+        for name in view.tasks.keys() {
+            if !view.tombstones.contains(name) && !definers.contains_key(name.as_str()) {
+                groups.entry(handlers.clone()).or_default().push(name);
+            }
         }
     }
     for (name, nodes) in definers {
@@ -99,12 +109,11 @@ impl NodeSet {
         }
     }
 
-    fn all(nodes: usize) -> NodeSet {
-        let mut set = NodeSet::empty(nodes);
-        for i in 0..nodes {
-            set.insert(i);
+    fn is_empty(&self) -> bool {
+        match self {
+            NodeSet::Bits(bits) => *bits == 0,
+            NodeSet::List(list) => list.is_empty(),
         }
-        set
     }
 
     /// Inserts `i`; indices arrive in increasing order.
@@ -135,6 +144,7 @@ impl Node {
             status: self.status,
             weight: self.weight,
             strategy: self.strategy.clone(),
+            dynamic_tasks: self.dynamic_tasks,
             static_tasks: Vec::new(),
         }
     }
@@ -175,6 +185,7 @@ mod tests {
             status,
             weight: 1,
             strategy: None,
+            dynamic_tasks: true,
             static_tasks: statics.iter().map(|s| s.to_string()).collect(),
         }
     }

@@ -83,6 +83,8 @@ struct Watcher {
 struct NodeSlot {
     raw: Vec<u8>,
     expires: Instant,
+    /// Last registration or heartbeat, reported as `last_alive`.
+    beat: Instant,
 }
 
 enum ClaimSlot {
@@ -129,8 +131,9 @@ impl MemoryRegistry {
         let raw = raw.to_vec();
         match kind {
             RawKind::Node => {
-                let expires = Instant::now() + Duration::from_secs(3600);
-                space.nodes.insert(name.to_string(), NodeSlot { raw, expires });
+                let beat = Instant::now();
+                let expires = beat + Duration::from_secs(3600);
+                space.nodes.insert(name.to_string(), NodeSlot { raw, expires, beat });
             }
             RawKind::Task => {
                 space.tasks.insert(name.to_string(), raw);
@@ -300,9 +303,11 @@ impl Registry for MemoryRegistry {
         self.start_reaper();
         let mut state = self.shared.lock();
         let space = state.space(ns);
+        let beat = Instant::now();
         let slot = NodeSlot {
             raw: codec::encode(node),
-            expires: Instant::now() + ttl,
+            expires: beat + ttl,
+            beat,
         };
         space.nodes.insert(node.id.clone(), slot);
         self.shared.publish(space, WatchEvent::NodePut(node.clone()));
@@ -318,6 +323,7 @@ impl Registry for MemoryRegistry {
         Ok(match space.nodes.get_mut(node_id) {
             Some(slot) => {
                 slot.expires = now + ttl;
+                slot.beat = now;
                 true
             }
             None => false,
@@ -352,11 +358,18 @@ impl Registry for MemoryRegistry {
         self.shared.fault()?;
         let mut state = self.shared.lock();
         let space = state.space(ns);
-        self.shared.expire_due(space, Instant::now());
+        let now = Instant::now();
+        self.shared.expire_due(space, now);
+        let wall = chrono::Utc::now().timestamp_millis();
         Ok(space
             .nodes
             .iter()
-            .filter_map(|(id, slot)| codec::decode_node(BACKEND, id, &slot.raw))
+            .filter_map(|(id, slot)| {
+                let mut node = codec::decode_node(BACKEND, id, &slot.raw)?;
+                let ago = i64::try_from((now - slot.beat).as_millis()).unwrap_or(i64::MAX);
+                node.last_alive = wall.saturating_sub(ago);
+                Some(node)
+            })
             .collect())
     }
 

@@ -161,6 +161,7 @@ pub(crate) mod test_support {
             status: NodeStatus::Working,
             weight,
             strategy: None,
+            dynamic_tasks: true,
             static_tasks: Vec::new(),
         }
     }

@@ -113,6 +113,7 @@ pub fn node(id: &str, status: NodeStatus) -> Node {
         status,
         weight: 1,
         strategy: Some("consistent".into()),
+        dynamic_tasks: true,
         static_tasks: vec!["static-a".into(), "static-b".into()],
     }
 }
