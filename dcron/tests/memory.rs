@@ -37,19 +37,9 @@ conformance::suite!(Memory(MemoryRegistry::new()));
 cluster::suite!(Memory(MemoryRegistry::new()));
 
 fn recording_node(registry: &MemoryRegistry, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
-    let (recorder, me) = (ledger.clone(), id.to_string());
-    Dcron::builder(registry.clone())
-        .namespace(ns)
-        .node_id(id)
+    cluster::recording(Arc::new(registry.clone()), ns, id, ledger)
         .node_ttl(Duration::from_millis(1200))
         .reload_interval(Duration::from_millis(500))
-        .task_handler(move |ctx: TaskContext| {
-            let (recorder, me) = (recorder.clone(), me.clone());
-            async move {
-                recorder.record(&ctx, &me);
-                Ok(())
-            }
-        })
         .build()
         .expect("node")
 }

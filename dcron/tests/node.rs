@@ -16,17 +16,7 @@ use cluster::{now_ms, Ledger};
 use conformance::{eventually, fresh_ns};
 
 fn recording_node(registry: &MemoryRegistry, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
-    let (recorder, me) = (ledger.clone(), id.to_string());
-    Dcron::builder(registry.clone())
-        .namespace(ns)
-        .node_id(id)
-        .task_handler(move |ctx: TaskContext| {
-            let (recorder, me) = (recorder.clone(), me.clone());
-            async move {
-                recorder.record(&ctx, &me);
-                Ok(())
-            }
-        })
+    cluster::recording(Arc::new(registry.clone()), ns, id, ledger)
         .build()
         .expect("node")
 }

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dcron::{Dcron, Error, Strategy, TaskContext, TaskMeta};
+use dcron::registry::Registry;
+use dcron::{Builder, Dcron, Error, Strategy, TaskContext, TaskMeta};
 
 use crate::conformance::{eventually, fresh_ns, Harness};
 
@@ -121,18 +122,12 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// A node wired for tests: short TTL, frequent heartbeats and reloads.
-pub async fn node(h: &impl Harness, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
-    let ttl = h.short_ttl();
-    let recorder = ledger.clone();
-    let me = id.to_string();
-    Dcron::builder_shared(h.registry().await)
+/// A node builder whose task handler records every run into `ledger`.
+pub fn recording(registry: Arc<dyn Registry>, ns: &str, id: &str, ledger: &Ledger) -> Builder {
+    let (recorder, me) = (ledger.clone(), id.to_string());
+    Dcron::builder_shared(registry)
         .namespace(ns)
         .node_id(id)
-        .strategy(Strategy::Consistent)
-        .node_ttl(ttl)
-        .heartbeat(ttl / 4)
-        .reload_interval(Duration::from_secs(2))
         .task_handler(move |ctx: TaskContext| {
             let (recorder, me) = (recorder.clone(), me.clone());
             async move {
@@ -140,6 +135,16 @@ pub async fn node(h: &impl Harness, ns: &str, id: &str, ledger: &Ledger) -> Dcro
                 Ok(())
             }
         })
+}
+
+/// A node wired for tests: short TTL, frequent heartbeats and reloads.
+pub async fn node(h: &impl Harness, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
+    let ttl = h.short_ttl();
+    recording(h.registry().await, ns, id, ledger)
+        .strategy(Strategy::Consistent)
+        .node_ttl(ttl)
+        .heartbeat(ttl / 4)
+        .reload_interval(Duration::from_secs(2))
         .error_handler(|meta, err| tracing::error!(task = %meta.name, %err, "run failed"))
         .build()
         .expect("valid options")
