@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -56,8 +56,15 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(30);
 const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
 
-/// Claims of one `claim_many` call in flight at once.
-const CLAIM_CONCURRENCY: usize = 32;
+/// Point reads (or claims) of one `claim_many` call in flight at once.
+/// Each is a connection: Consul allows 200 per client address by default.
+const CLAIM_CONCURRENCY: usize = 8;
+/// `claim_many` reads the whole claims folder at once from this many tasks.
+const RECURSIVE_READ_FROM: usize = 32;
+/// Consul's limit of operations in one transaction.
+const TXN_MAX_OPS: usize = 64;
+/// Claim transactions of one `claim_many` call in flight at once.
+const TXN_CONCURRENCY: usize = 4;
 /// Read-compare-CAS rounds before a claim gives up (each lost round means
 /// another claimer wrote in between, so this is only reached under a storm).
 const CLAIM_ATTEMPTS: usize = 32;
@@ -67,13 +74,14 @@ const ACQUIRE_ATTEMPTS: usize = 3;
 /// Watch retry backoff after errors: doubles from the base up to the cap.
 const WATCH_BACKOFF_BASE: Duration = Duration::from_millis(200);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Pause after a blocking query that returned early with nothing new. An
-/// empty prefix answers with the index of the whole KV store, so every KV
-/// write in the datacenter (claims included) wakes its watcher; this bounds
-/// that to a few cheap polls per second.
+/// A blocking query on an *empty* prefix answers with the index of the
+/// whole KV store and wakes on writes next to it (claims included), so each
+/// watched prefix is kept non-empty with a folder key (`ns/tasks/`, the way
+/// Consul's UI makes folders). If that key cannot be written (ACL), polls
+/// that return early with nothing new pause this long instead.
 const SPURIOUS_WAKE_PAUSE: Duration = Duration::from_millis(500);
 /// Shortest interval between two polls of one watch loop.
-const MIN_POLL_SPACING: Duration = Duration::from_millis(50);
+const MIN_POLL_SPACING: Duration = Duration::from_millis(20);
 
 /// Counters of the HTTP requests a [`ConsulRegistry`] made (all clones and
 /// watch loops included), for monitoring and tests.
@@ -284,7 +292,8 @@ impl ConsulBuilder {
             Some(client) => client,
             None => reqwest::Client::builder()
                 .connect_timeout(self.connect_timeout)
-                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(16)
                 .build()
                 .map_err(|e| Error::registry(BACKEND, "building the HTTP client", e))?,
         };
@@ -392,8 +401,16 @@ impl KvEntry {
         }
     }
 
+    /// The session holding the key. Session ids are UUIDs; anything else
+    /// is ignored, so a value from the wire never lands in a request path.
+    fn holder(&self) -> Option<String> {
+        self.session
+            .clone()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    }
+
     fn held(&self) -> bool {
-        self.session.as_deref().is_some_and(|s| !s.is_empty())
+        self.holder().is_some()
     }
 }
 
@@ -526,6 +543,7 @@ impl Inner {
         if url.query() == Some("") {
             url.set_query(None);
         }
+        let idempotent = method == Method::GET;
         let mut request = self.client.request(method, url).timeout(timeout);
         if let Some(token) = &self.token {
             request = request.header("X-Consul-Token", token.clone());
@@ -533,23 +551,22 @@ impl Inner {
         if let Some(body) = body {
             request = request.body(body);
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let result = async {
-            let response = request.send().await?;
-            let status = response.status();
-            let index = response
-                .headers()
-                .get("X-Consul-Index")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let body = response.bytes().await?.to_vec();
-            Ok::<_, reqwest::Error>(Reply {
-                status,
-                index,
-                body,
-            })
+        let again = if idempotent {
+            request.try_clone()
+        } else {
+            None
+        };
+        let mut result = self.exchange(request).await;
+        if let (Err(err), Some(again)) = (&result, again) {
+            // A pooled connection the agent closed under us (idle timeout,
+            // its per-client connection limit): a read is safe to send once
+            // more. Timeouts and refused connections are not retried.
+            if !err.is_timeout() && !err.is_connect() {
+                tracing::debug!(backend = BACKEND, what, %err, "read failed on a reused connection; retrying once");
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                result = self.exchange(again).await;
+            }
         }
-        .await;
         match result {
             Ok(reply) => {
                 if reply.status.is_server_error() {
@@ -569,6 +586,24 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// One HTTP exchange, counted.
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> reqwest::Result<Reply> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = request.send().await?;
+        let status = response.status();
+        let index = response
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let body = response.bytes().await?.to_vec();
+        Ok(Reply {
+            status,
+            index,
+            body,
+        })
     }
 
     async fn call(
@@ -605,7 +640,7 @@ impl Inner {
         prefix: &str,
         block: Option<u64>,
         what: &str,
-    ) -> Result<(u64, Vec<KvEntry>)> {
+    ) -> Result<(Option<u64>, Vec<KvEntry>)> {
         let (index, wait);
         let mut query: Vec<(&str, &str)> = vec![("recurse", "")];
         let timeout = match block {
@@ -633,7 +668,7 @@ impl Inner {
             s if s.is_success() => parse_json(&reply.body, what)?,
             _ => return Err(reply.unexpected(what)),
         };
-        Ok((reply.index.unwrap_or(0), entries))
+        Ok((reply.index, entries))
     }
 
     /// `PUT /v1/kv/<key>` with extra query flags; Consul's `true`/`false`.
@@ -684,6 +719,13 @@ impl Inner {
         }
     }
 
+    /// Creates the folder key `prefix` (empty value) unless it exists.
+    async fn ensure_folder(&self, prefix: &str) -> Result<()> {
+        self.kv_put(prefix, &[("cas", "0")], Vec::new(), "create folder key")
+            .await
+            .map(drop)
+    }
+
     async fn create_session(&self, ns: &str, id: &str, ttl: Duration) -> Result<String> {
         let body = serde_json::json!({
             "Name": format!("dcron:{ns}:{id}"),
@@ -705,6 +747,17 @@ impl Inner {
             return Err(reply.unexpected(what));
         }
         let created: SessionCreated = parse_json(&reply.body, what)?;
+        if created.id.is_empty()
+            || !created
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Error::registry_msg(
+                BACKEND,
+                format!("{what}: consul returned a malformed session id"),
+            ));
+        }
         Ok(created.id)
     }
 
@@ -755,8 +808,7 @@ impl Inner {
         Ok(self
             .kv_get(key, "read node")
             .await?
-            .filter(KvEntry::held)
-            .and_then(|e| e.session))
+            .and_then(|e| e.holder()))
     }
 
     /// One atomic watermark claim: read, compare, CAS on ModifyIndex; a lost
@@ -786,6 +838,73 @@ impl Inner {
             format!("claim of `{task}`: gave up after {CLAIM_ATTEMPTS} conflicting writes"),
         ))
     }
+}
+
+/// Runs `f` on every item, at most `limit` at once, and returns the results
+/// in order; the first error wins (no new item starts after it).
+async fn run_bounded<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<R>> + Send + 'static,
+{
+    let n = items.len();
+    let queue = Arc::new(Mutex::new(
+        items.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let failed = Arc::new(AtomicBool::new(false));
+    let f = Arc::new(f);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..limit.clamp(1, n.max(1)) {
+        let (queue, failed, f) = (queue.clone(), failed.clone(), f.clone());
+        workers.spawn(async move {
+            let mut done = Vec::new();
+            while !failed.load(Ordering::Relaxed) {
+                // Items are taken from the back; order is restored below.
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let Some((i, item)) = next else { break };
+                let result = f(item).await;
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                done.push((i, result));
+            }
+            done
+        });
+    }
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        let done = joined.map_err(|e| Error::registry(BACKEND, "a request worker failed", e))?;
+        for (i, result) in done {
+            match result {
+                Ok(r) => out[i] = Some(r),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+    }
+    if let Some(err) = first_error {
+        return Err(err);
+    }
+    out.into_iter()
+        .map(|r| r.ok_or_else(|| Error::registry_msg(BACKEND, "a request was not run")))
+        .collect()
+}
+
+/// An error with its chain of causes, for logs (no secret is ever part of
+/// it: the token travels in a header, which errors do not show).
+fn describe(err: &Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T> {
@@ -836,7 +955,7 @@ impl Registry for ConsulRegistry {
                 if let Some(holder) = inner
                     .kv_get(&key, "read node")
                     .await?
-                    .and_then(|e| e.session)
+                    .and_then(|e| e.holder())
                     .filter(|s| *s != session)
                 {
                     tracing::info!(node = %node.id, ns, "taking the registration over from an older session");
@@ -868,7 +987,7 @@ impl Registry for ConsulRegistry {
         if let Some(old) = old.filter(|o| *o != session) {
             // It holds nothing any more; end it rather than let it linger.
             if let Err(err) = inner.destroy_session(&old).await {
-                tracing::debug!(%err, "could not destroy a replaced session; it will expire");
+                tracing::debug!(err = %describe(&err), "could not destroy a replaced session; it will expire");
             }
         }
         Ok(())
@@ -892,11 +1011,7 @@ impl Registry for ConsulRegistry {
             }
             None => {
                 let entry = inner.kv_get(&key, "read node").await?;
-                let Some(session) = entry
-                    .as_ref()
-                    .filter(|e| e.held())
-                    .and_then(|e| e.session.clone())
-                else {
+                let Some(session) = entry.as_ref().and_then(KvEntry::holder) else {
                     return Ok(false);
                 };
                 if !inner.renew_session(&session).await? {
@@ -937,7 +1052,7 @@ impl Registry for ConsulRegistry {
         // Whatever still holds the key (another client of this node id, or
         // a record written without a session) goes too.
         if let Some(entry) = inner.kv_get(&key, "read node").await? {
-            match entry.session.filter(|s| !s.is_empty()) {
+            match entry.holder() {
                 Some(holder) => inner.destroy_session(&holder).await?,
                 None => inner.kv_delete(&key, "delete node").await?,
             }
@@ -1043,67 +1158,103 @@ impl Registry for ConsulRegistry {
             .await
     }
 
+    /// Reads the stored watermarks (one recursive read for a large batch,
+    /// else concurrent point reads), then writes every claim that can win in
+    /// `/v1/txn` batches of CAS operations on the read ModifyIndex (one raft
+    /// write per batch). A batch that fails (someone wrote in between:
+    /// Consul then applies none of it) falls back to per-task
+    /// read-compare-CAS, so every answer is exact and each claim atomic.
     async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
         match tasks {
             [] => return Ok(Vec::new()),
             [task] => return Ok(vec![self.claim(ns, task, claim).await?]),
             _ => {}
         }
-        let jobs: Arc<Vec<(String, String)>> = Arc::new(
-            tasks
-                .iter()
-                .map(|t| Ok((key(ns, Kind::Claims, t)?, t.to_string())))
-                .collect::<Result<_>>()?,
-        );
-        let value: Arc<[u8]> = codec::encode(claim).into();
-        let claim = Arc::new(claim.clone());
-        let next = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicBool::new(false));
-        // Workers pull the next task until all are done; each claim is its
-        // own atomic read-compare-CAS, in flight concurrently.
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..CLAIM_CONCURRENCY.min(jobs.len()) {
-            let (inner, jobs, value, claim, next, failed) = (
-                self.inner.clone(),
-                jobs.clone(),
-                value.clone(),
-                claim.clone(),
-                next.clone(),
-                failed.clone(),
-            );
-            workers.spawn(async move {
-                let mut done = Vec::new();
-                while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((key, task)) = jobs.get(i) else {
-                        break;
-                    };
-                    let result = inner.claim_one(key, task, &claim, &value).await;
-                    if result.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    done.push((i, result));
-                }
-                done
-            });
-        }
-        let mut won = vec![false; jobs.len()];
-        let mut first_error = None;
-        while let Some(joined) = workers.join_next().await {
-            let done = joined.map_err(|e| Error::registry(BACKEND, "claim worker failed", e))?;
-            for (i, result) in done {
-                match result {
-                    Ok(w) => won[i] = w,
-                    Err(err) => {
-                        first_error.get_or_insert(err);
+        let inner = &self.inner;
+        let prefix = prefix(ns, Kind::Claims)?;
+        let keys: Vec<String> = tasks
+            .iter()
+            .map(|t| key(ns, Kind::Claims, t))
+            .collect::<Result<_>>()?;
+        let stored: Vec<Option<KvEntry>> = if keys.len() >= RECURSIVE_READ_FROM {
+            let (_, entries) = inner.kv_list(&prefix, None, "read claims").await?;
+            let mut by_key: HashMap<String, KvEntry> =
+                entries.into_iter().map(|e| (e.key.clone(), e)).collect();
+            keys.iter().map(|k| by_key.remove(k)).collect()
+        } else {
+            let reader = inner.clone();
+            run_bounded(keys.clone(), CLAIM_CONCURRENCY, move |key| {
+                let inner = reader.clone();
+                async move { inner.kv_get(&key, "read claim").await }
+            })
+            .await?
+        };
+        let value = base64_encode(&codec::encode(claim));
+        let mut won = vec![false; tasks.len()];
+        // (position, compare-and-set index) of each claim that can win.
+        let mut candidates = Vec::new();
+        for (i, entry) in stored.iter().enumerate() {
+            match entry {
+                None => candidates.push((i, 0)),
+                Some(entry) => {
+                    let current = codec::decode_claim(BACKEND, tasks[i], &entry.bytes());
+                    if current.is_none_or(|c| c.fire_time < claim.fire_time) {
+                        candidates.push((i, entry.modify_index));
                     }
                 }
             }
         }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(won),
+        let batches: Vec<Vec<(usize, u64)>> =
+            candidates.chunks(TXN_MAX_OPS).map(<[_]>::to_vec).collect();
+        let (writer, keys) = (inner.clone(), Arc::new(keys));
+        let batch_keys = keys.clone();
+        let committed = run_bounded(batches, TXN_CONCURRENCY, move |batch| {
+            let (inner, keys, value) = (writer.clone(), batch_keys.clone(), value.clone());
+            async move {
+                let ops: Vec<serde_json::Value> = batch
+                    .iter()
+                    .map(|&(i, index)| {
+                        serde_json::json!({"KV": {"Verb": "cas", "Key": keys[i], "Value": value, "Index": index}})
+                    })
+                    .collect();
+                let ok = inner.txn(serde_json::Value::Array(ops), "write claims").await?;
+                Ok((batch, ok))
+            }
+        })
+        .await?;
+        let mut conflicted = Vec::new();
+        for (batch, ok) in committed {
+            for (i, _) in batch {
+                if ok {
+                    won[i] = true;
+                } else {
+                    conflicted.push(i);
+                }
+            }
         }
+        if !conflicted.is_empty() {
+            let (retry, keys, names) = (
+                inner.clone(),
+                keys.clone(),
+                Arc::new(tasks.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+            );
+            let (claim, value) = (Arc::new(claim.clone()), Arc::new(codec::encode(claim)));
+            let results = run_bounded(conflicted.clone(), CLAIM_CONCURRENCY, move |i| {
+                let (inner, keys, names, claim, value) = (
+                    retry.clone(),
+                    keys.clone(),
+                    names.clone(),
+                    claim.clone(),
+                    value.clone(),
+                );
+                async move { inner.claim_one(&keys[i], &names[i], &claim, &value).await }
+            })
+            .await?;
+            for (i, w) in conflicted.into_iter().zip(results) {
+                won[i] = w;
+            }
+        }
+        Ok(won)
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
@@ -1158,6 +1309,14 @@ impl Registry for ConsulRegistry {
         ];
         // Baselines before returning: every change after `watch` returns is
         // reported, nothing before it is.
+        let (f0, f1, f2) = tokio::join!(
+            inner.ensure_folder(&prefixes[0]),
+            inner.ensure_folder(&prefixes[1]),
+            inner.ensure_folder(&prefixes[2]),
+        );
+        for err in [f0.err(), f1.err(), f2.err()].into_iter().flatten() {
+            tracing::debug!(backend = BACKEND, err = %describe(&err), "cannot create a watched folder key; pacing polls instead");
+        }
         let what = "watch: initial read";
         let (b0, b1, b2) = tokio::join!(
             inner.kv_list(&prefixes[0], None, what),
@@ -1172,7 +1331,7 @@ impl Registry for ConsulRegistry {
                 kind,
                 snapshot: snapshot(kind, &prefix, &entries),
                 prefix,
-                index: index.max(1),
+                index: index.unwrap_or(1).max(1),
                 tx: tx.clone(),
             };
             tokio::spawn(feed.run());
@@ -1191,15 +1350,21 @@ fn forget(inner: &Inner, ns: &str, id: &str, session: &str) {
 
 // ----- watch -------------------------------------------------------------------------
 
-/// What a watch loop last saw: name → ModifyIndex of the entries that count
-/// (node keys only while a session holds them).
-type Snapshot = HashMap<String, u64>;
+/// What a watch loop last saw of the entries that count (node keys only
+/// while a session holds them).
+/// name → (ModifyIndex, hash of the value). The hash catches a changed
+/// value behind a reused index (a restarted dev agent counts from 1 again).
+type Snapshot = HashMap<String, (u64, u64)>;
 
 fn snapshot(kind: Kind, prefix: &str, entries: &[KvEntry]) -> Snapshot {
     entries
         .iter()
         .filter(|e| kind != Kind::Nodes || e.held())
-        .filter_map(|e| Some((child_name(prefix, &e.key)?.to_string(), e.modify_index)))
+        .filter_map(|e| {
+            let name = child_name(prefix, &e.key)?.to_string();
+            let hash = xxhash_rust::xxh3::xxh3_64(e.value.as_deref().unwrap_or("").as_bytes());
+            Some((name, (e.modify_index, hash)))
+        })
         .collect()
 }
 
@@ -1268,6 +1433,15 @@ impl Feed {
                 r = self.inner.kv_list(&self.prefix, block, "watch") => r,
                 _ = self.tx.closed() => return,
             };
+            // Without X-Consul-Index a blocking query cannot block: treat it
+            // as an error (backoff) rather than polling in a tight loop.
+            let fetched = fetched.and_then(|(index, entries)| match index {
+                Some(index) => Ok((index, entries)),
+                None => Err(Error::registry_msg(
+                    BACKEND,
+                    "watch: consul answered without X-Consul-Index",
+                )),
+            });
             let (index, entries) = match fetched {
                 Ok(ok) => ok,
                 Err(err) => {
@@ -1276,7 +1450,7 @@ impl Feed {
                     let pause = backoff(failures);
                     // First failure, then every doubling: bounded log volume.
                     if failures.is_power_of_two() {
-                        tracing::warn!(backend = BACKEND, prefix = %self.prefix, %err, failures, ?pause, "watch failed; retrying with backoff");
+                        tracing::warn!(backend = BACKEND, prefix = %self.prefix, err = %describe(&err), failures, ?pause, "watch failed; retrying with backoff");
                     }
                     if !self.pause(pause).await {
                         return;
@@ -1309,8 +1483,22 @@ impl Feed {
             self.snapshot = new;
             // Consul: an index of 0 must be treated as 1.
             self.index = index.max(1);
+            // Keep the prefix non-empty so that its blocking query wakes
+            // only for its own keys (see SPURIOUS_WAKE_PAUSE).
+            let mut unfoldered = false;
+            if !entries.iter().any(|e| e.key == self.prefix) {
+                let created = tokio::select! {
+                    r = self.inner.ensure_folder(&self.prefix) => r,
+                    _ = self.tx.closed() => return,
+                };
+                if let Err(err) = created {
+                    tracing::debug!(backend = BACKEND, prefix = %self.prefix, err = %describe(&err), "cannot create the folder key");
+                    unfoldered = true;
+                }
+            }
             let elapsed = started.elapsed();
-            let pause = if !changed && block.is_some() && elapsed < self.inner.watch_wait / 2 {
+            let early = block.is_some() && elapsed < self.inner.watch_wait / 2;
+            let pause = if unfoldered && early && !changed {
                 SPURIOUS_WAKE_PAUSE
             } else {
                 MIN_POLL_SPACING.saturating_sub(elapsed)
