@@ -171,8 +171,6 @@ struct Fire {
 
 /// Longest pause between claim retries after registry errors.
 const MAX_RETRY_PAUSE_MS: i64 = 5_000;
-/// Smallest share of a batch worth running on another worker thread.
-const PARALLEL_MIN: usize = 2048;
 /// Longest claim lead: claims are never taken further ahead than this.
 const MAX_LEAD_MS: i64 = 200;
 
@@ -402,35 +400,14 @@ impl Engine {
                 }
             };
             self.learn_claim_cost(started.elapsed(), names.len());
-            let winners: Vec<&Ready> = group
-                .iter()
-                .zip(won)
-                .filter_map(|((_, ready), won)| won.then_some(ready))
-                .collect();
-            // Large batches are run by every worker thread at once: the
-            // other parts are handed over (owned) now, started at fire time.
-            let workers = tokio::runtime::Handle::current().metrics().num_workers();
-            let parts = workers.min(winners.len() / PARALLEL_MIN).max(1);
-            let size = winners.len().div_ceil(parts).max(1);
-            let handed: Vec<Vec<Ready>> = winners
-                .chunks(size)
-                .skip(1)
-                .map(|part| part.iter().map(|r| Ready { fire_time: r.fire_time, runnable: r.runnable.clone() }).collect())
-                .collect();
             let early = fire_time - self.cfg.clock.now_ms();
             if early > 0 {
                 tokio::time::sleep(Duration::from_millis(early as u64)).await;
             }
-            for part in handed {
-                let busy = Busy::new(self.clone());
-                tokio::spawn(async move {
-                    for ready in &part {
-                        busy.0.dispatch(ready);
-                    }
-                });
-            }
-            for ready in winners.iter().take(size) {
-                self.dispatch(ready);
+            for ((_, ready), won) in group.iter().zip(won) {
+                if won {
+                    self.dispatch(ready);
+                }
             }
         }
     }
