@@ -1,7 +1,8 @@
 //! The etcd registry against the conformance suite, plus fault tests on a
-//! three-member etcd cluster of its own (ports 17400-17599).
+//! three-member etcd cluster of its own (ports 17400-17699).
 #![cfg(feature = "etcd")]
 
+mod cluster;
 mod conformance;
 mod support;
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dcron::registry::{Claim, EtcdRegistry, RawKind, Registry, WatchEvent};
-use dcron::{Node, NodeStatus, TaskMeta};
+use dcron::{Dcron, Node, NodeStatus, TaskMeta};
 use tokio::time::Instant;
 
 /// Reaches the shared etcd server named by `DCRON_ETCD_ENDPOINTS`.
@@ -37,8 +38,29 @@ impl conformance::Harness for Etcd {
     }
 
     async fn write_raw(&self, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
-        let registry = self.connect().await;
-        let mut client = registry.client().clone();
+        write_raw(&self.connect().await, ns, kind, name, raw).await;
+    }
+
+    fn short_ttl(&self) -> Duration {
+        // etcd's minimum lease TTL with the default election timeout.
+        Duration::from_secs(2)
+    }
+}
+
+conformance::suite!(match Etcd::from_env() {
+    Some(harness) => harness,
+    None => return,
+});
+
+cluster::suite!(match Etcd::from_env() {
+    Some(harness) => harness,
+    None => return,
+});
+
+/// Stores `raw` with the client library directly, as a foreign program would.
+async fn write_raw(registry: &EtcdRegistry, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
+    {
+        let mut client = registry.client().await.expect("client");
         let dir = match kind {
             RawKind::Node => "nodes",
             RawKind::Task => "tasks",
@@ -57,24 +79,19 @@ impl conformance::Harness for Etcd {
             .await
             .expect("raw put");
     }
-
-    fn short_ttl(&self) -> Duration {
-        // etcd's minimum lease TTL with the default election timeout.
-        Duration::from_secs(2)
-    }
 }
-
-conformance::suite!(match Etcd::from_env() {
-    Some(harness) => harness,
-    None => return,
-});
 
 fn node(id: &str) -> Node {
     conformance::node(id, NodeStatus::Working)
 }
 
 async fn ids(r: &EtcdRegistry, ns: &str) -> Vec<String> {
-    r.nodes(ns).await.expect("nodes").into_iter().map(|n| n.id).collect()
+    r.nodes(ns)
+        .await
+        .expect("nodes")
+        .into_iter()
+        .map(|n| n.id)
+        .collect()
 }
 
 fn claim(fire_time: i64, node: &str) -> Claim {
@@ -97,8 +114,15 @@ async fn unreachable_cluster_fails_fast_with_a_clear_error() {
         .await
         .expect_err("nothing listens there");
     let text = err.to_string();
-    assert!(text.contains("127.0.0.1:17599"), "error names the endpoint: {text}");
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        text.contains("127.0.0.1:17599"),
+        "error names the endpoint: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     let err = EtcdRegistry::connect(Vec::<String>::new())
         .await
         .expect_err("no endpoints");
@@ -119,7 +143,8 @@ async fn compacted_revision_resyncs_and_continues() {
     }
     let now = r.revision().await.expect("revision");
     r.client()
-        .clone()
+        .await
+        .expect("client")
         .compact(now, None)
         .await
         .expect("compact");
@@ -131,9 +156,12 @@ async fn compacted_revision_resyncs_and_continues() {
     .await;
     let meta = TaskMeta::new("new", "* * * * *");
     r.put_task(&ns, &meta, false).await.expect("put");
-    conformance::expect_event(&mut rx, Duration::from_secs(15), "TaskPut after resync", |e| {
-        *e == WatchEvent::TaskPut(meta.clone())
-    })
+    conformance::expect_event(
+        &mut rx,
+        Duration::from_secs(15),
+        "TaskPut after resync",
+        |e| *e == WatchEvent::TaskPut(meta.clone()),
+    )
     .await;
     r.clear(&ns).await.expect("clear");
 }
@@ -176,7 +204,126 @@ async fn update_node_keeps_the_lease() {
     .await;
     assert!(!r.heartbeat(&ns, "node-a", ttl).await.expect("heartbeat"));
     assert!(!r.update_node(&ns, &a).await.expect("update after expiry"));
-    assert!(ids(&observer, &ns).await.is_empty(), "update must not resurrect");
+    assert!(
+        ids(&observer, &ns).await.is_empty(),
+        "update must not resurrect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_an_existing_client() {
+    conformance::init_tracing();
+    let Some(h) = Etcd::from_env() else { return };
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    let client = etcd_client::Client::connect([h.endpoints.as_str()], Some(options))
+        .await
+        .expect("client");
+    let r = EtcdRegistry::from_client(client).with_request_timeout(Duration::from_secs(3));
+    let ns = conformance::fresh_ns("from-client");
+    let mut rx = r.watch(&ns).await.expect("watch");
+    r.register(&ns, &node("n1"), Duration::from_secs(5))
+        .await
+        .expect("register");
+    conformance::expect_event(
+        &mut rx,
+        Duration::from_secs(15),
+        "NodePut",
+        |e| matches!(e, WatchEvent::NodePut(n) if n.id == "n1"),
+    )
+    .await;
+    assert!(r
+        .heartbeat(&ns, "n1", Duration::from_secs(5))
+        .await
+        .expect("heartbeat"));
+    assert!(r.claim(&ns, "t", &claim(1_000, "n1")).await.expect("claim"));
+    r.unregister(&ns, "n1").await.expect("unregister");
+    r.clear(&ns).await.expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password() {
+    conformance::init_tracing();
+    if support::service_env("DCRON_ETCD_ENDPOINTS").is_none() {
+        return;
+    }
+    // A lone throw-away server with auth enabled.
+    let dir = support::ScratchDir::new("etcd-auth");
+    let _server = support::Server::start(&["etcd", "auth", "17650", "17651", dir.path()]);
+    let endpoint = "http://127.0.0.1:17650";
+    {
+        use etcd_client::Permission;
+        let mut admin = etcd_client::Client::connect([endpoint], None)
+            .await
+            .expect("admin");
+        admin.user_add("root", "root-pw", None).await.expect("root");
+        admin
+            .user_grant_role("root", "root")
+            .await
+            .expect("root role");
+        admin.role_add("dcron").await.expect("role");
+        admin
+            .role_grant_permission("dcron", Permission::read_write("/").with_prefix())
+            .await
+            .expect("grant");
+        admin
+            .user_add("dcron", "s3cret-pw", None)
+            .await
+            .expect("user");
+        admin
+            .user_grant_role("dcron", "dcron")
+            .await
+            .expect("user role");
+        admin.auth_enable().await.expect("auth on");
+    }
+
+    let builder = EtcdRegistry::builder([endpoint]).user("dcron", "s3cret-pw");
+    assert!(
+        !format!("{builder:?}").contains("s3cret"),
+        "Debug shows the password"
+    );
+    let r = builder.connect().await.expect("connect with credentials");
+    let ns = conformance::fresh_ns("auth");
+    let mut rx = r.watch(&ns).await.expect("watch");
+    r.register(&ns, &node("n1"), Duration::from_secs(5))
+        .await
+        .expect("register");
+    assert!(r
+        .heartbeat(&ns, "n1", Duration::from_secs(5))
+        .await
+        .expect("heartbeat"));
+    assert!(r.claim(&ns, "t", &claim(1_000, "n1")).await.expect("claim"));
+    let meta = TaskMeta::new("job", "* * * * *");
+    r.put_task(&ns, &meta, false).await.expect("put");
+    conformance::expect_event(&mut rx, Duration::from_secs(15), "TaskPut", |e| {
+        *e == WatchEvent::TaskPut(meta.clone())
+    })
+    .await;
+    r.unregister(&ns, "n1").await.expect("unregister");
+
+    // Wrong credentials fail at construction, at once, without the password.
+    let started = Instant::now();
+    let err = EtcdRegistry::builder([endpoint])
+        .user("dcron", "wrong-pw")
+        .connect()
+        .await
+        .expect_err("wrong password");
+    let text = format!("{err} {err:?}");
+    assert!(
+        !text.contains("wrong-pw"),
+        "the error shows the password: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not retried for long: {:?}",
+        started.elapsed()
+    );
+    // Without credentials nothing is readable (whether or not the status
+    // probe passes).
+    if let Ok(r) = EtcdRegistry::connect([endpoint]).await {
+        assert!(r.tasks(&ns).await.is_err(), "read without credentials");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -193,7 +340,12 @@ impl Cluster {
     fn start(name: &str, base: u16) -> Self {
         let dir = support::ScratchDir::new(name);
         let server = support::Server::start(&["etcd-cluster", &base.to_string(), dir.path()]);
-        assert_eq!(server.pids.len(), 3, "etcd-cluster prints three pids: {:?}", server.pids);
+        assert_eq!(
+            server.pids.len(),
+            3,
+            "etcd-cluster prints three pids: {:?}",
+            server.pids
+        );
         Cluster {
             server,
             _dir: dir,
@@ -222,8 +374,15 @@ impl Cluster {
         self.ports
             .iter()
             .position(|p| out.contains(&format!(":{p}")))
-            .or_else(|| self.server.pids.iter().position(|pid| out.split_whitespace().any(|w| w == pid)))
-            .unwrap_or_else(|| panic!("cannot tell the leader from `services.sh leader-etcd` output {out:?}"))
+            .or_else(|| {
+                self.server
+                    .pids
+                    .iter()
+                    .position(|pid| out.split_whitespace().any(|w| w == pid))
+            })
+            .unwrap_or_else(|| {
+                panic!("cannot tell the leader from `services.sh leader-etcd` output {out:?}")
+            })
     }
 
     /// SIGKILLs the leader; returns its index.
@@ -297,7 +456,10 @@ async fn leader_killed_claims_keep_one_winner() {
     // A node heartbeating through the fault, and a watcher.
     let member = cluster.registry().await;
     let ttl = Duration::from_secs(6);
-    member.register(&ns, &node("survivor"), ttl).await.expect("register");
+    member
+        .register(&ns, &node("survivor"), ttl)
+        .await
+        .expect("register");
     let watcher = cluster.registry().await;
     let mut rx = watcher.watch(&ns).await.expect("watch");
 
@@ -306,9 +468,15 @@ async fn leader_killed_claims_keep_one_winner() {
         fire_time += 1_000;
         let (winners, errors) = claim_round(&claimers, &ns, &tasks, fire_time).await;
         assert!(!errors, "no errors before the fault");
-        assert!(winners.iter().all(|&w| w == 1), "fire {fire_time}: {winners:?}");
+        assert!(
+            winners.iter().all(|&w| w == 1),
+            "fire {fire_time}: {winners:?}"
+        );
     }
-    assert!(member.heartbeat(&ns, "survivor", ttl).await.expect("heartbeat"));
+    assert!(member
+        .heartbeat(&ns, "survivor", ttl)
+        .await
+        .expect("heartbeat"));
 
     let killed = cluster.kill_leader();
     let killed_at = Instant::now();
@@ -321,15 +489,24 @@ async fn leader_killed_claims_keep_one_winner() {
     let mut last_beat = Instant::now();
     let mut first_clean = None;
     while clean_streak < 10 {
-        assert!(Instant::now() < deadline, "no 10 clean rounds within 60 s of the kill");
+        assert!(
+            Instant::now() < deadline,
+            "no 10 clean rounds within 60 s of the kill"
+        );
         fire_time += 1_000;
         rounds += 1;
         let (winners, errors) = claim_round(&claimers, &ns, &tasks, fire_time).await;
-        assert!(winners.iter().all(|&w| w <= 1), "fire {fire_time}: two winners {winners:?}");
+        assert!(
+            winners.iter().all(|&w| w <= 1),
+            "fire {fire_time}: two winners {winners:?}"
+        );
         if errors {
             clean_streak = 0;
         } else {
-            assert!(winners.iter().all(|&w| w == 1), "fire {fire_time}: no error yet no winner {winners:?}");
+            assert!(
+                winners.iter().all(|&w| w == 1),
+                "fire {fire_time}: no error yet no winner {winners:?}"
+            );
             first_clean.get_or_insert_with(|| killed_at.elapsed());
             clean_streak += 1;
         }
@@ -343,19 +520,32 @@ async fn leader_killed_claims_keep_one_winner() {
         }
     }
     tracing::info!(rounds, first_clean = ?first_clean, "claims recovered after the leader kill");
-    eprintln!("leader kill: first clean claim round {first_clean:?} after the kill, {rounds} rounds");
-    assert!(member.heartbeat(&ns, "survivor", ttl).await.expect("heartbeat after the fault"));
+    eprintln!(
+        "leader kill: first clean claim round {first_clean:?} after the kill, {rounds} rounds"
+    );
+    assert!(member
+        .heartbeat(&ns, "survivor", ttl)
+        .await
+        .expect("heartbeat after the fault"));
     assert!(ids(&watcher, &ns).await.contains(&"survivor".to_string()));
-    let claims: BTreeMap<String, Claim> = claimers[0].claims(&ns).await.expect("claims").into_iter().collect();
+    let claims: BTreeMap<String, Claim> = claimers[0]
+        .claims(&ns)
+        .await
+        .expect("claims")
+        .into_iter()
+        .collect();
     assert_eq!(claims.len(), tasks.len());
     assert!(claims.values().all(|c| c.fire_time == fire_time));
 
     // The watch survived the fault too (it may have reconnected, with a Resync).
     let meta = TaskMeta::new("after-fault", "* * * * *");
     claimers[1].put_task(&ns, &meta, false).await.expect("put");
-    conformance::expect_event(&mut rx, Duration::from_secs(20), "TaskPut after the fault", |e| {
-        *e == WatchEvent::TaskPut(meta.clone())
-    })
+    conformance::expect_event(
+        &mut rx,
+        Duration::from_secs(20),
+        "TaskPut after the fault",
+        |e| *e == WatchEvent::TaskPut(meta.clone()),
+    )
     .await;
 }
 
@@ -374,21 +564,36 @@ async fn abandoned_lease_expires_on_a_cluster() {
         // A dcron node that dies without a word: no more heartbeats, its
         // client gone.
         let doomed = cluster.registry().await;
-        doomed.register(&ns, &node("doomed"), ttl).await.expect("register");
-        assert!(doomed.heartbeat(&ns, "doomed", ttl).await.expect("heartbeat"));
+        doomed
+            .register(&ns, &node("doomed"), ttl)
+            .await
+            .expect("register");
+        assert!(doomed
+            .heartbeat(&ns, "doomed", ttl)
+            .await
+            .expect("heartbeat"));
     }
     let crashed_at = Instant::now();
-    conformance::expect_event(&mut rx, Duration::from_secs(15), "NodePut", |e| {
-        matches!(e, WatchEvent::NodePut(n) if n.id == "doomed")
-    })
+    conformance::expect_event(
+        &mut rx,
+        Duration::from_secs(15),
+        "NodePut",
+        |e| matches!(e, WatchEvent::NodePut(n) if n.id == "doomed"),
+    )
     .await;
-    conformance::expect_event(&mut rx, ttl * 3 + Duration::from_secs(2), "NodeDelete", |e| {
-        *e == WatchEvent::NodeDelete("doomed".into())
-    })
+    conformance::expect_event(
+        &mut rx,
+        ttl * 3 + Duration::from_secs(2),
+        "NodeDelete",
+        |e| *e == WatchEvent::NodeDelete("doomed".into()),
+    )
     .await;
     let took = crashed_at.elapsed();
     eprintln!("abandoned lease of {ttl:?}: NodeDelete after {took:?}");
-    assert!(took >= ttl - Duration::from_millis(200), "expired before its TTL: {took:?}");
+    assert!(
+        took >= ttl - Duration::from_millis(200),
+        "expired before its TTL: {took:?}"
+    );
     assert!(!ids(&watcher, &ns).await.contains(&"doomed".to_string()));
 
     // The same after the leader is killed: leases are extended by a new
@@ -409,11 +614,17 @@ async fn abandoned_lease_expires_on_a_cluster() {
         }
     };
     drop(doomed);
-    conformance::expect_event(&mut rx, Duration::from_secs(30), "NodeDelete after the leader kill", |e| {
-        *e == WatchEvent::NodeDelete("doomed-2".into())
-    })
+    conformance::expect_event(
+        &mut rx,
+        Duration::from_secs(30),
+        "NodeDelete after the leader kill",
+        |e| *e == WatchEvent::NodeDelete("doomed-2".into()),
+    )
     .await;
-    eprintln!("after a leader kill: NodeDelete {:?} after the last registration", registered.elapsed());
+    eprintln!(
+        "after a leader kill: NodeDelete {:?} after the last registration",
+        registered.elapsed()
+    );
 }
 
 /// Claim throughput against the shared server: `cargo test --features etcd
@@ -439,14 +650,20 @@ async fn claim_throughput() {
     let started = Instant::now();
     for round in 0..ROUNDS {
         for name in &refs {
-            assert!(r.claim(&ns, name, &claim(10 + round, "n")).await.expect("claim"));
+            assert!(r
+                .claim(&ns, name, &claim(10 + round, "n"))
+                .await
+                .expect("claim"));
         }
     }
     let sequential = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
 
     let started = Instant::now();
     for round in 0..ROUNDS {
-        let won = r.claim_many(&ns, &refs, &claim(100 + round, "n")).await.expect("claim_many");
+        let won = r
+            .claim_many(&ns, &refs, &claim(100 + round, "n"))
+            .await
+            .expect("claim_many");
         assert!(won.iter().all(|w| *w));
     }
     let batched = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
@@ -455,14 +672,20 @@ async fn claim_throughput() {
     let cold = h.connect().await;
     let started = Instant::now();
     for name in &refs {
-        assert!(cold.claim(&ns, name, &claim(1_000, "m")).await.expect("claim"));
+        assert!(cold
+            .claim(&ns, name, &claim(1_000, "m"))
+            .await
+            .expect("claim"));
     }
     let cold_rate = TASKS as f64 / started.elapsed().as_secs_f64();
 
     // Losing claims (another node already has the fire time).
     let started = Instant::now();
     for name in &refs {
-        assert!(!cold.claim(&ns, name, &claim(1_000, "x")).await.expect("claim"));
+        assert!(!cold
+            .claim(&ns, name, &claim(1_000, "x"))
+            .await
+            .expect("claim"));
     }
     let losing = TASKS as f64 / started.elapsed().as_secs_f64();
 
@@ -471,4 +694,207 @@ async fn claim_throughput() {
          claim_many({TASKS}) {batched:.0}, cold client {cold_rate:.0}, losing {losing:.0}"
     );
     r.clear(&ns).await.expect("clear");
+}
+
+// ---------------------------------------------------------------------------
+// Node-level fault tests: three `Dcron` nodes on a three-member cluster.
+
+/// The nodes' view of a cluster of our own: every member as an endpoint,
+/// short request timeouts so that a dead member is left quickly.
+struct ClusterHarness {
+    endpoints: Vec<String>,
+    ttl: Duration,
+}
+
+impl conformance::Harness for ClusterHarness {
+    async fn registry(&self) -> Arc<dyn Registry> {
+        let registry = EtcdRegistry::builder(&self.endpoints)
+            .request_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .expect("connect to the cluster");
+        Arc::new(registry)
+    }
+
+    async fn write_raw(&self, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
+        let registry = EtcdRegistry::connect(&self.endpoints)
+            .await
+            .expect("connect");
+        write_raw(&registry, ns, kind, name, raw).await;
+    }
+
+    fn short_ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// Three started nodes (the cluster suite's test node: short TTL, default
+/// policies) defining `tasks` every second, once ownership has settled.
+async fn three_nodes(
+    h: &ClusterHarness,
+    ns: &str,
+    tasks: &[String],
+    ledger: &cluster::Ledger,
+) -> Vec<Dcron> {
+    let mut nodes = Vec::new();
+    for id in ["node-a", "node-b", "node-c"] {
+        let n = cluster::node(h, ns, id, ledger).await;
+        cluster::add_static(&n, tasks, "* * * * * *", ledger).await;
+        n.start().await.expect("start");
+        nodes.push(n);
+    }
+    settle(&nodes, tasks).await;
+    nodes
+}
+
+/// Waits until the owned sets of `nodes` partition `tasks`.
+async fn settle(nodes: &[Dcron], tasks: &[String]) {
+    let want: std::collections::BTreeSet<String> = tasks.iter().cloned().collect();
+    conformance::eventually(Duration::from_secs(30), "ownership to settle", || async {
+        let mut all = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for n in nodes {
+            let owned = n.my_running_tasks();
+            total += owned.len();
+            all.extend(owned);
+        }
+        all == want && total == want.len()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_fire_once_through_a_leader_kill() {
+    conformance::init_tracing();
+    if support::service_env("DCRON_ETCD_ENDPOINTS").is_none() {
+        return;
+    }
+    let etcd = Cluster::start("etcd-leader-nodes", 17600);
+    // A TTL that outlives an election with room to spare (the default is
+    // 10 s): this test is about claims, not about leases.
+    let h = ClusterHarness {
+        endpoints: etcd.endpoints(),
+        ttl: Duration::from_secs(5),
+    };
+    let ns = conformance::fresh_ns("nodes-leader-kill");
+    let ledger = cluster::Ledger::default();
+    let tasks: Vec<String> = (0..20).map(|i| format!("beat-{i:02}")).collect();
+    let nodes = three_nodes(&h, &ns, &tasks, &ledger).await;
+    // Membership changes seen meanwhile, to explain a failure.
+    let membership = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let watcher = etcd.registry().await;
+        let mut rx = watcher.watch(&ns).await.expect("watch");
+        let seen = membership.clone();
+        tokio::spawn(async move {
+            let _keep = watcher;
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, WatchEvent::NodeDelete(_) | WatchEvent::Resync)
+                    || matches!(&ev, WatchEvent::NodePut(n) if n.status != NodeStatus::Working)
+                {
+                    seen.lock().unwrap().push((cluster::now_ms(), ev));
+                }
+            }
+        });
+    }
+    let from = cluster::now_ms() + 1000;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed = etcd.kill_leader();
+    let killed_at = cluster::now_ms();
+    tracing::info!(killed, "etcd leader killed under three dcron nodes");
+    // Every fire time of every task still runs exactly once; fires whose
+    // claims failed during the election are retried and run late.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let to = cluster::now_ms() - 1000;
+    let working = nodes[0].nodes().await.expect("nodes");
+    assert_eq!(
+        working.len(),
+        3,
+        "no node lost its registration: {working:?}"
+    );
+    let events: Vec<_> = membership
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, _)| *at <= to + 1000)
+        .map(|(at, ev)| (at - killed_at, ev.clone()))
+        .collect();
+    eprintln!("membership events (ms after the leader kill): {events:?}");
+    for n in &nodes {
+        n.stop().await.expect("stop");
+    }
+    ledger.assert_no_duplicates();
+    for t in &tasks {
+        ledger.assert_contiguous(t, from, to);
+    }
+    let late = ledger
+        .runs()
+        .into_iter()
+        .filter(|r| r.fire_time >= killed_at - 1000)
+        .map(|r| r.started_ms - r.fire_time)
+        .max()
+        .unwrap_or(0);
+    eprintln!("leader kill under three nodes: every fire ran once; latest start {late} ms after its fire time");
+}
+
+/// Takeover with the default etcd timing (TTL 10 s): prints how long the
+/// tasks of a crashed node stay unowned. `cargo test --features etcd --test
+/// etcd -- --ignored --nocapture takeover_time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "measurement: takes about 15 s, prints the takeover time"]
+async fn takeover_time() {
+    conformance::init_tracing();
+    let Some(h) = Etcd::from_env() else { return };
+    let ns = conformance::fresh_ns("takeover");
+    let ledger = cluster::Ledger::default();
+    let tasks: Vec<String> = (0..20).map(|i| format!("job-{i:02}")).collect();
+    let mut nodes = Vec::new();
+    for id in ["node-a", "node-b"] {
+        let n = Dcron::builder(h.connect().await)
+            .namespace(&ns)
+            .node_id(id)
+            .build()
+            .expect("build");
+        cluster::add_static(&n, &tasks, "* * * * * *", &ledger).await;
+        n.start().await.expect("start");
+        nodes.push(n);
+    }
+    settle(&nodes, &tasks).await;
+    let orphaned = nodes[1].my_running_tasks();
+    assert!(!orphaned.is_empty());
+    // Once they have run (a task that never ran has nothing to catch up).
+    conformance::eventually(
+        Duration::from_secs(5),
+        "a first run of each task",
+        || async { orphaned.iter().all(|t| !ledger.fires(t).is_empty()) },
+    )
+    .await;
+    let crashed = Instant::now();
+    nodes[1].kill().await;
+    settle(&nodes[..1], &tasks).await;
+    let took = crashed.elapsed();
+    let crashed_ms = cluster::now_ms() - took.as_millis() as i64;
+    // The first run of an orphaned task on the survivor: the catch-up of
+    // the latest fire missed while nobody owned it.
+    let t = orphaned[0].clone();
+    let first_run = || {
+        ledger
+            .runs()
+            .into_iter()
+            .filter(|r| r.task == t && r.node == "node-a" && r.fire_time > crashed_ms)
+            .min_by_key(|r| r.fire_time)
+    };
+    conformance::eventually(Duration::from_secs(5), "a run on the survivor", || async {
+        first_run().is_some()
+    })
+    .await;
+    let run = first_run().expect("a run");
+    eprintln!(
+        "takeover with the default timing ({:?}): tasks owned again after {took:?}; \
+         first run on the survivor: fire {} ms after the crash, started {} ms after its fire time",
+        dcron::registry::EtcdRegistry::DEFAULT_TIMING,
+        run.fire_time - crashed_ms,
+        run.started_ms - run.fire_time,
+    );
+    nodes[0].stop().await.expect("stop");
 }

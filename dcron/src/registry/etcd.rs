@@ -31,9 +31,18 @@
 //!   from the last seen revision + 1 after a disconnect (then sends
 //!   [`WatchEvent::Resync`] anyway), and when that revision was compacted it
 //!   sends `Resync` and restarts from the current revision.
+//! * **Fail-over**: one client per endpoint; requests go to the current
+//!   member and move on to the next one after a transport error, "no
+//!   leader" or a timeout (the library's own balancing keeps sending part of
+//!   the requests to a dead member). Every request is bounded by the request
+//!   timeout and retried a few times with a capped backoff.
+//! * **TLS** is not compiled in (it needs `etcd-client`'s `tls` feature and a
+//!   crypto library); build a TLS client yourself and use
+//!   [`EtcdRegistry::from_client`].
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,13 +69,16 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Attempts of a request that failed in a way worth retrying (transport
-/// error, no leader, timeout): the first try plus two retries.
+/// error, no leader, timeout): at least this many, and at least one per
+/// member plus one.
 const ATTEMPTS: u32 = 3;
 /// Transactions a single `claim` may lose to concurrent writers before it
 /// gives up with an error (each loss means another claimer made progress).
 const MAX_CLAIM_ROUNDS: u32 = 32;
 /// Claims of one `claim_many` in flight at once.
 const CLAIM_CONCURRENCY: usize = 32;
+/// Passes of `claim_many` over the claims that failed.
+const CLAIM_PASSES: u32 = 3;
 /// Keys per page of a range read.
 const PAGE: i64 = 256;
 /// Largest response accepted (a page of large task payloads).
@@ -112,9 +124,16 @@ pub struct EtcdRegistry {
 }
 
 struct Shared {
-    client: Client,
-    kv: KvClient,
-    lease: LeaseClient,
+    /// One client per endpoint (or the one client given to
+    /// [`EtcdRegistry::from_client`]). Requests go to the current member and
+    /// move to the next one when it fails: the library's own balancing keeps
+    /// sending requests to a dead member.
+    members: Vec<Member>,
+    current: AtomicUsize,
+    /// How to connect a member that is not connected yet (`None` when the
+    /// client was given).
+    options: Option<ConnectOptions>,
+    connect_bound: Duration,
     /// `(ns, node id)` → lease of the registration made through this registry.
     leases: Mutex<HashMap<(String, String), i64>>,
     /// `(ns, task)` → `(mod_revision, fire_time)` of this registry's last
@@ -122,9 +141,39 @@ struct Shared {
     claim_revs: Mutex<HashMap<(String, String), (i64, i64)>>,
 }
 
+struct Member {
+    endpoint: String,
+    handles: Mutex<Option<Handles>>,
+}
+
+/// The clients of one member.
+#[derive(Clone)]
+struct Handles {
+    client: Client,
+    kv: KvClient,
+    lease: LeaseClient,
+}
+
+impl Handles {
+    fn new(client: Client) -> Self {
+        Handles {
+            kv: client.kv_client().max_decoding_message_size(MAX_DECODING),
+            lease: client.lease_client(),
+            client,
+        }
+    }
+}
+
 impl std::fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints: Vec<&str> = self
+            .shared
+            .members
+            .iter()
+            .map(|m| m.endpoint.as_str())
+            .collect();
         f.debug_struct("EtcdRegistry")
+            .field("endpoints", &endpoints)
             .field("timing", &self.timing)
             .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
@@ -164,16 +213,17 @@ impl EtcdRegistryBuilder {
         self
     }
 
-    /// Bound on establishing the TCP/HTTP2 connection to an endpoint
-    /// (default 3 s).
+    /// Bound on establishing the connection to a member, authentication
+    /// included (default 3 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// Bound on each request (default 5 s). A request that fails with a
-    /// transport error, "no leader" or this timeout is tried up to three
-    /// times in all, with a short backoff.
+    /// transport error, "no leader" or this timeout is tried again on the
+    /// next member, a few times in all (at least once per member), with a
+    /// short capped backoff.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -196,7 +246,7 @@ impl EtcdRegistryBuilder {
 
     /// Connects and checks that the cluster answers (the client library
     /// connects lazily; this makes an unreachable cluster fail here, within
-    /// the connect timeout plus the request timeout, with a clear error).
+    /// a few connect and request timeouts, with a clear error).
     pub async fn connect(self) -> Result<EtcdRegistry> {
         if self.endpoints.is_empty() {
             return Err(Error::InvalidConfig(
@@ -222,36 +272,45 @@ impl EtcdRegistryBuilder {
                 .with_user(name.clone(), password.clone())
                 .with_auto_token_refresh(true);
         }
-        let endpoints = self.endpoints.join(",");
-        let bound = self.connect_timeout + self.request_timeout;
-        // With credentials, `connect` authenticates (a round trip).
-        let client = match tokio::time::timeout(bound, Client::connect(&self.endpoints, Some(options))).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(err)) => {
-                return Err(Error::registry(
-                    BACKEND,
-                    format!("cannot connect to etcd at {endpoints}"),
-                    err,
-                ))
-            }
-            Err(_) => {
-                return Err(Error::Timeout {
-                    what: format!("connecting to etcd at {endpoints}"),
-                    after: bound,
-                })
-            }
+        // Start at a random member so that many nodes spread their load.
+        let start = (uuid::Uuid::new_v4().as_u128() % self.endpoints.len() as u128) as usize;
+        let members = self
+            .endpoints
+            .iter()
+            .map(|endpoint| Member {
+                endpoint: endpoint.clone(),
+                handles: Mutex::new(None),
+            })
+            .collect();
+        let registry = EtcdRegistry {
+            shared: Arc::new(Shared {
+                members,
+                current: AtomicUsize::new(start),
+                options: Some(options),
+                // With credentials, connecting authenticates (a round trip).
+                connect_bound: self.connect_timeout + self.request_timeout,
+                leases: Mutex::new(HashMap::new()),
+                claim_revs: Mutex::new(HashMap::new()),
+            }),
+            timing: self.timing,
+            request_timeout: self.request_timeout,
         };
-        let registry = EtcdRegistry::from_client(client)
-            .with_request_timeout(self.request_timeout)
-            .with_timing(self.timing);
         // Fail fast: one cheap call that needs a live member with a leader.
+        let endpoints = self.endpoints.join(",");
         let context = format!("cannot reach etcd at {endpoints} (is it running?)");
         registry
-            .retrying(&context, || async {
-                let mut maintenance = registry.shared.client.maintenance_client();
+            .retrying(&context, |h| async move {
+                let mut maintenance = h.client.maintenance_client();
                 maintenance.status().await
             })
-            .await?;
+            .await
+            .map_err(|err| match err {
+                Error::Timeout { after, .. } => Error::Timeout {
+                    what: format!("connecting to etcd at {endpoints}"),
+                    after,
+                },
+                other => other,
+            })?;
         Ok(registry)
     }
 }
@@ -284,19 +343,16 @@ impl EtcdRegistry {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let endpoints = endpoints
-            .into_iter()
-            .flat_map(|e| {
-                e.as_ref()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|e| !e.is_empty())
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut list: Vec<String> = Vec::new();
+        for item in endpoints {
+            for e in item.as_ref().split(',').map(str::trim) {
+                if !e.is_empty() && !list.iter().any(|x| x == e) {
+                    list.push(e.to_string());
+                }
+            }
+        }
         EtcdRegistryBuilder {
-            endpoints,
+            endpoints: list,
             user: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -305,9 +361,11 @@ impl EtcdRegistry {
         }
     }
 
-    /// Uses an existing client (its own TLS, auth and timeouts apply; every
-    /// call is also bounded by the request timeout, default 5 s). Nothing is
-    /// sent until the first call.
+    /// Uses an existing client (its own endpoints, TLS, auth and timeouts
+    /// apply; every call is also bounded by the request timeout, default
+    /// 5 s). Nothing is sent until the first call. Requests are retried on
+    /// the same client, so prefer [`connect`](Self::connect) with every
+    /// member for fail-over.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -324,13 +382,15 @@ impl EtcdRegistry {
     /// # }
     /// ```
     pub fn from_client(client: Client) -> Self {
-        let kv = client.kv_client().max_decoding_message_size(MAX_DECODING);
-        let lease = client.lease_client();
         EtcdRegistry {
             shared: Arc::new(Shared {
-                client,
-                kv,
-                lease,
+                members: vec![Member {
+                    endpoint: "(given client)".into(),
+                    handles: Mutex::new(Some(Handles::new(client))),
+                }],
+                current: AtomicUsize::new(0),
+                options: None,
+                connect_bound: DEFAULT_CONNECT_TIMEOUT,
                 leases: Mutex::new(HashMap::new()),
                 claim_revs: Mutex::new(HashMap::new()),
             }),
@@ -351,9 +411,13 @@ impl EtcdRegistry {
         self
     }
 
-    /// The underlying client.
-    pub fn client(&self) -> &Client {
-        &self.shared.client
+    /// A client of the member currently in use (connecting it if needed),
+    /// for direct access to etcd.
+    pub async fn client(&self) -> Result<Client> {
+        match self.handles(self.current()).await {
+            Ok(handles) => Ok(handles.client),
+            Err(Failure::Final(err) | Failure::Retryable(err)) => Err(err),
+        }
     }
 
     /// Starts a change feed like [`Registry::watch`], but from the events
@@ -377,29 +441,100 @@ impl EtcdRegistry {
     /// The current store revision of the cluster.
     pub async fn revision(&self) -> Result<i64> {
         let resp = self
-            .retrying("read the current revision", || async {
-                let mut kv = self.shared.kv.clone();
+            .retrying("read the current revision", |h| async move {
+                let mut kv = h.kv;
                 kv.get("/", Some(GetOptions::new().with_count_only())).await
             })
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
-    /// One request bounded by the request timeout, tried up to [`ATTEMPTS`]
-    /// times while it fails in a retryable way.
+    fn current(&self) -> usize {
+        self.shared.current.load(Ordering::Relaxed) % self.shared.members.len().max(1)
+    }
+
+    /// Moves on from member `index` (unless another request already did).
+    fn rotate(&self, index: usize) {
+        let n = self.shared.members.len();
+        if n > 1 {
+            let next = (index + 1) % n;
+            if self
+                .shared
+                .current
+                .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::debug!(
+                    backend = BACKEND,
+                    from = %self.shared.members[index].endpoint,
+                    to = %self.shared.members[next].endpoint,
+                    "switching etcd member"
+                );
+            }
+        }
+    }
+
+    /// The clients of member `index`, connecting it on first use.
+    async fn handles(&self, index: usize) -> std::result::Result<Handles, Failure> {
+        let Some(member) = self.shared.members.get(index) else {
+            return Err(Failure::Final(Error::registry_msg(
+                BACKEND,
+                "no etcd member",
+            )));
+        };
+        if let Some(handles) = lock(&member.handles).clone() {
+            return Ok(handles);
+        }
+        let Some(options) = self.shared.options.clone() else {
+            return Err(Failure::Final(Error::registry_msg(
+                BACKEND,
+                "no etcd client",
+            )));
+        };
+        let bound = self.shared.connect_bound;
+        let endpoint = member.endpoint.as_str();
+        match tokio::time::timeout(bound, Client::connect([endpoint], Some(options))).await {
+            Ok(Ok(client)) => {
+                let mut slot = lock(&member.handles);
+                // Another request may have connected meanwhile: keep one.
+                Ok(slot.get_or_insert_with(|| Handles::new(client)).clone())
+            }
+            Ok(Err(err)) => {
+                let retry = retryable(&err);
+                let err = Error::registry(
+                    BACKEND,
+                    format!("cannot connect to etcd at {endpoint}"),
+                    err,
+                );
+                Err(if retry {
+                    Failure::Retryable(err)
+                } else {
+                    Failure::Final(err)
+                })
+            }
+            Err(_) => Err(Failure::Retryable(Error::Timeout {
+                what: format!("connecting to etcd at {endpoint}"),
+                after: bound,
+            })),
+        }
+    }
+
+    /// A request, tried on the current member and then on the next ones
+    /// while it fails in a retryable way (at least once per member).
     async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Handles) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let mut pause = Duration::from_millis(50);
+        let attempts = ATTEMPTS.max(self.shared.members.len() as u32 + 1);
+        let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
         loop {
-            match self.once(what, op()).await {
+            match self.attempt(what, &mut op).await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Final(err)) => return Err(err),
                 Err(Failure::Retryable(err)) => {
-                    if attempt >= ATTEMPTS {
+                    if attempt >= attempts {
                         return Err(err);
                     }
                     tracing::debug!(backend = BACKEND, what, %err, attempt, "retrying");
@@ -407,11 +542,29 @@ impl EtcdRegistry {
             }
             attempt += 1;
             tokio::time::sleep(pause).await;
-            pause = (pause * 4).min(Duration::from_secs(1));
+            pause = (pause * 3).min(Duration::from_secs(1));
         }
     }
 
-    /// One attempt of a request, bounded by the request timeout.
+    /// One attempt of a request on the current member, bounded by the
+    /// request timeout; a retryable failure moves on to the next member.
+    async fn attempt<T, F, Fut>(&self, what: &str, op: &mut F) -> std::result::Result<T, Failure>
+    where
+        F: FnMut(Handles) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let index = self.current();
+        let result = match self.handles(index).await {
+            Ok(handles) => self.once(what, op(handles)).await,
+            Err(failure) => Err(failure),
+        };
+        if let Err(Failure::Retryable(_)) = &result {
+            self.rotate(index);
+        }
+        result
+    }
+
+    /// Bounds `fut` by the request timeout and sorts its failure.
     async fn once<T>(
         &self,
         what: &str,
@@ -451,10 +604,10 @@ impl EtcdRegistry {
                 options = options.with_keys_only();
             }
             let mut resp = self
-                .retrying(what, || {
+                .retrying(what, |h| {
                     let (from, options) = (from.clone(), options.clone());
                     async move {
-                        let mut kv = self.shared.kv.clone();
+                        let mut kv = h.kv;
                         kv.get(from, Some(options)).await
                     }
                 })
@@ -476,24 +629,24 @@ impl EtcdRegistry {
     }
 
     fn leases(&self) -> MutexGuard<'_, HashMap<(String, String), i64>> {
-        // Every mutation is a single insert/remove: poisoning cannot leave
-        // the map half-updated.
-        self.shared.leases.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared.leases)
     }
 
     fn claim_revs(&self) -> MutexGuard<'_, HashMap<(String, String), (i64, i64)>> {
-        self.shared.claim_revs.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared.claim_revs)
     }
 
     fn lease_of(&self, ns: &str, id: &str) -> Option<i64> {
-        self.leases().get(&(ns.to_string(), id.to_string())).copied()
+        self.leases()
+            .get(&(ns.to_string(), id.to_string()))
+            .copied()
     }
 
     /// Revokes `lease`, ignoring "not found" (already expired or revoked).
     async fn revoke(&self, lease: i64) -> Result<()> {
         let res = self
-            .retrying("revoke a node lease", || async {
-                let mut client = self.shared.lease.clone();
+            .retrying("revoke a node lease", |h| async move {
+                let mut client = h.lease;
                 client.revoke(lease).await
             })
             .await;
@@ -503,13 +656,29 @@ impl EtcdRegistry {
         }
     }
 
-    async fn txn(&self, what: &str, txn: Txn) -> std::result::Result<TxnResponse, Failure> {
-        let mut kv = self.shared.kv.clone();
-        self.once(what, kv.txn(txn)).await
+    /// One attempt of a transaction.
+    async fn txn(&self, what: &str, txn: &Txn) -> std::result::Result<TxnResponse, Failure> {
+        self.attempt(what, &mut |h: Handles| {
+            let txn = txn.clone();
+            async move {
+                let mut kv = h.kv;
+                kv.txn(txn).await
+            }
+        })
+        .await
     }
 
     /// The claim algorithm for one task (see the module docs).
-    async fn claim_one(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
+    ///
+    /// `uncertain` says that an earlier attempt to store this very `claim`
+    /// may have been applied: finding exactly it stored then means we won.
+    async fn claim_one(
+        &self,
+        ns: &str,
+        task: &str,
+        claim: &Claim,
+        uncertain: bool,
+    ) -> Result<bool> {
         let key = key(ns, "claims", task);
         let cache_key = (ns.to_string(), task.to_string());
         let value = codec::encode(claim);
@@ -528,40 +697,38 @@ impl EtcdRegistry {
             });
         // Set after a request whose outcome is unknown (it may have been
         // applied): finding exactly our claim stored then means we won.
-        let mut uncertain = false;
+        let mut uncertain = uncertain;
         let mut errors = 0;
         let mut rounds = 0;
+        let attempts = ATTEMPTS.max(self.shared.members.len() as u32 + 1);
         loop {
             let compare = match &seen {
-                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
                 Some(stored) => {
                     if let Some(current) = &stored.claim {
                         if current.fire_time >= claim.fire_time {
                             return Ok(uncertain && current == claim);
                         }
                     }
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, stored.mod_revision)
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, stored.mod_revision)
                 }
             };
             let txn = Txn::new()
                 .when([compare])
-                .and_then([TxnOp::put(key.clone(), value.clone(), None)])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = match self.txn("claim a fire time", txn).await {
+                .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let resp = match self.txn("claim a fire time", &txn).await {
                 Ok(resp) => resp,
                 Err(Failure::Final(err)) => return Err(err),
                 Err(Failure::Retryable(err)) => {
                     errors += 1;
-                    if errors >= ATTEMPTS {
+                    if errors >= attempts {
                         return Err(err);
                     }
                     tracing::debug!(backend = BACKEND, task, %err, "claim outcome unknown; reading back");
                     uncertain = true;
-                    tokio::time::sleep(Duration::from_millis(50) * errors).await;
-                    seen = match self.read_claim(&key).await {
-                        Ok(stored) => stored,
-                        Err(err) => return Err(err),
-                    };
+                    tokio::time::sleep(Duration::from_millis(25) * errors).await;
+                    seen = self.read_claim(&key).await?;
                     continue;
                 }
             };
@@ -587,13 +754,19 @@ impl EtcdRegistry {
 
     async fn read_claim(&self, key: &str) -> Result<Option<Stored>> {
         let resp = self
-            .retrying("read a claim", || async {
-                let mut kv = self.shared.kv.clone();
+            .retrying("read a claim", |h| async move {
+                let mut kv = h.kv;
                 kv.get(key, None).await
             })
             .await?;
         Ok(resp.kvs().first().map(|kv| stored(key, kv)))
     }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked
+/// (every mutation is a single insert/remove/replace).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a request failed.
@@ -725,19 +898,19 @@ impl Registry for EtcdRegistry {
     }
 
     async fn register(&self, ns: &str, node: &Node, ttl: Duration) -> Result<()> {
-        let key = key(ns, "nodes", &node.id);
-        let value = codec::encode(node);
+        let key = &key(ns, "nodes", &node.id);
+        let value = &codec::encode(node);
         let ttl = ttl_secs(ttl);
         let granted = self
-            .retrying("grant a node lease", || async {
-                let mut lease = self.shared.lease.clone();
+            .retrying("grant a node lease", |h| async move {
+                let mut lease = h.lease;
                 lease.grant(ttl, None).await
             })
             .await?;
         let lease = granted.id();
         let put = self
-            .retrying("register a node", || async {
-                let mut kv = self.shared.kv.clone();
+            .retrying("register a node", |h| async move {
+                let mut kv = h.kv;
                 let options = PutOptions::new().with_lease(lease);
                 kv.put(key.as_str(), value.as_slice(), Some(options)).await
             })
@@ -764,13 +937,13 @@ impl Registry for EtcdRegistry {
         let Some(lease) = self.lease_of(ns, node_id) else {
             return Ok(false);
         };
-        let key = key(ns, "nodes", node_id);
-        let keep_alive = self.retrying("send a lease keep-alive", || async {
-            let mut client = self.shared.lease.clone();
+        let key = &key(ns, "nodes", node_id);
+        let keep_alive = self.retrying("send a lease keep-alive", |h| async move {
+            let mut client = h.lease;
             client.keep_alive(lease).await.map(drop)
         });
-        let record = self.retrying("check a node record", || async {
-            let mut kv = self.shared.kv.clone();
+        let record = self.retrying("check a node record", |h| async move {
+            let mut kv = h.kv;
             kv.get(key.as_str(), Some(GetOptions::new().with_keys_only()))
                 .await
         });
@@ -780,10 +953,7 @@ impl Registry for EtcdRegistry {
             Err(err) if is_lease_gone_error(&err) => false,
             Err(err) => return Err(err),
         };
-        let attached = record?
-            .kvs()
-            .first()
-            .is_some_and(|kv| kv.lease() == lease);
+        let attached = record?.kvs().first().is_some_and(|kv| kv.lease() == lease);
         if !alive || !attached {
             {
                 let mut leases = self.leases();
@@ -805,12 +975,12 @@ impl Registry for EtcdRegistry {
         let Some(lease) = self.lease_of(ns, &node.id) else {
             return Ok(false);
         };
-        let key = key(ns, "nodes", &node.id);
-        let value = codec::encode(node);
+        let key = &key(ns, "nodes", &node.id);
+        let value = &codec::encode(node);
         // Only while the key exists and carries our lease: a put without the
         // lease would detach it, and a put after expiry would resurrect the node.
         let resp = self
-            .retrying("update a node record", || async {
+            .retrying("update a node record", |h| async move {
                 let txn = Txn::new()
                     .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
                     .and_then([TxnOp::put(
@@ -818,7 +988,7 @@ impl Registry for EtcdRegistry {
                         value.as_slice(),
                         Some(PutOptions::new().with_lease(lease)),
                     )]);
-                let mut kv = self.shared.kv.clone();
+                let mut kv = h.kv;
                 kv.txn(txn).await
             })
             .await?;
@@ -826,17 +996,15 @@ impl Registry for EtcdRegistry {
     }
 
     async fn unregister(&self, ns: &str, node_id: &str) -> Result<()> {
-        let lease = self
-            .leases()
-            .remove(&(ns.to_string(), node_id.to_string()));
+        let lease = self.leases().remove(&(ns.to_string(), node_id.to_string()));
         if let Some(lease) = lease {
             // Deletes the key (one NodeDelete event).
             self.revoke(lease).await?;
         }
         // The key may carry a lease this registry does not know.
-        let key = key(ns, "nodes", node_id);
-        self.retrying("unregister a node", || async {
-            let mut kv = self.shared.kv.clone();
+        let key = &key(ns, "nodes", node_id);
+        self.retrying("unregister a node", |h| async move {
+            let mut kv = h.kv;
             kv.delete(key.as_str(), None).await
         })
         .await?;
@@ -856,23 +1024,23 @@ impl Registry for EtcdRegistry {
     }
 
     async fn put_task(&self, ns: &str, meta: &TaskMeta, overwrite: bool) -> Result<()> {
-        let key = key(ns, "tasks", &meta.name);
-        let value = codec::encode(meta);
+        let key = &key(ns, "tasks", &meta.name);
+        let value = &codec::encode(meta);
         if overwrite {
-            self.retrying("store a task", || async {
-                let mut kv = self.shared.kv.clone();
+            self.retrying("store a task", |h| async move {
+                let mut kv = h.kv;
                 kv.put(key.as_str(), value.as_slice(), None).await
             })
             .await?;
             return Ok(());
         }
         let resp = self
-            .retrying("create a task", || async {
+            .retrying("create a task", |h| async move {
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
                     .or_else([TxnOp::get(key.as_str(), None)]);
-                let mut kv = self.shared.kv.clone();
+                let mut kv = h.kv;
                 kv.txn(txn).await
             })
             .await?;
@@ -892,9 +1060,9 @@ impl Registry for EtcdRegistry {
     }
 
     async fn delete_task(&self, ns: &str, name: &str) -> Result<()> {
-        let key = key(ns, "tasks", name);
-        self.retrying("delete a task", || async {
-            let mut kv = self.shared.kv.clone();
+        let key = &key(ns, "tasks", name);
+        self.retrying("delete a task", |h| async move {
+            let mut kv = h.kv;
             kv.delete(key.as_str(), None).await
         })
         .await?;
@@ -914,15 +1082,15 @@ impl Registry for EtcdRegistry {
     }
 
     async fn put_tombstone(&self, ns: &str, name: &str) -> Result<()> {
-        let key = key(ns, "deleted", name);
-        let value = codec::encode(&serde_json::json!({ "deleted": true }));
+        let key = &key(ns, "deleted", name);
+        let value = &codec::encode(&serde_json::json!({ "deleted": true }));
         // Create-only: an existing tombstone (whatever its value) stays, and
         // watchers see one TombstonePut.
-        self.retrying("write a tombstone", || async {
+        self.retrying("write a tombstone", |h| async move {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)]);
-            let mut kv = self.shared.kv.clone();
+            let mut kv = h.kv;
             kv.txn(txn).await
         })
         .await?;
@@ -930,9 +1098,9 @@ impl Registry for EtcdRegistry {
     }
 
     async fn delete_tombstone(&self, ns: &str, name: &str) -> Result<()> {
-        let key = key(ns, "deleted", name);
-        self.retrying("delete a tombstone", || async {
-            let mut kv = self.shared.kv.clone();
+        let key = &key(ns, "deleted", name);
+        self.retrying("delete a tombstone", |h| async move {
+            let mut kv = h.kv;
             kv.delete(key.as_str(), None).await
         })
         .await?;
@@ -959,30 +1127,64 @@ impl Registry for EtcdRegistry {
     }
 
     async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
-        self.claim_one(ns, task, claim).await
+        self.claim_one(ns, task, claim, false).await
     }
 
+    /// Claims run concurrently (at most 32 in flight), each its own atomic
+    /// compare-and-set. A claim that still fails after its retries is tried
+    /// again in up to two more passes. If some still fail after that, the
+    /// call fails when nothing was won, and otherwise reports them as not
+    /// won (logged as errors: those fires are lost) so that the won ones run.
     async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
         let mut won = vec![false; tasks.len()];
-        let mut running = JoinSet::new();
-        let mut next = 0;
-        while next < tasks.len() || !running.is_empty() {
-            while next < tasks.len() && running.len() < CLAIM_CONCURRENCY {
-                let registry = self.clone();
-                let (ns, task, claim) = (ns.to_string(), tasks[next].to_string(), claim.clone());
-                let index = next;
-                running.spawn(async move { (index, registry.claim_one(&ns, &task, &claim).await) });
-                next += 1;
+        let mut pending: Vec<usize> = (0..tasks.len()).collect();
+        let mut last_err = None;
+        for pass in 0..CLAIM_PASSES {
+            if pass > 0 {
+                tokio::time::sleep(Duration::from_millis(200) * pass).await;
             }
-            match running.join_next().await {
-                Some(Ok((index, result))) => won[index] = result?,
-                Some(Err(err)) => {
-                    return Err(Error::registry(BACKEND, "a claim task failed", err));
+            let mut running = JoinSet::new();
+            let mut queue = std::mem::take(&mut pending).into_iter();
+            loop {
+                while running.len() < CLAIM_CONCURRENCY {
+                    let Some(index) = queue.next() else { break };
+                    let registry = self.clone();
+                    let (ns, task, claim) =
+                        (ns.to_string(), tasks[index].to_string(), claim.clone());
+                    // From the second pass on, an earlier attempt may have
+                    // stored this very claim.
+                    let uncertain = pass > 0;
+                    running.spawn(async move {
+                        (
+                            index,
+                            registry.claim_one(&ns, &task, &claim, uncertain).await,
+                        )
+                    });
                 }
-                None => break,
+                match running.join_next().await {
+                    Some(Ok((index, Ok(w)))) => won[index] = w,
+                    Some(Ok((index, Err(err)))) => {
+                        pending.push(index);
+                        last_err = Some(err);
+                    }
+                    Some(Err(err)) => {
+                        return Err(Error::registry(BACKEND, "a claim task failed", err));
+                    }
+                    None => break,
+                }
+            }
+            if pending.is_empty() {
+                return Ok(won);
             }
         }
-        Ok(won)
+        let err = last_err.unwrap_or_else(|| Error::registry_msg(BACKEND, "claims failed"));
+        if won.iter().any(|w| *w) {
+            tracing::error!(backend = BACKEND, %err, failed = pending.len(), won = won.iter().filter(|w| **w).count(),
+                "claims failed after retries; reporting them as not won so that the won ones run (those fires are lost)");
+            Ok(won)
+        } else {
+            Err(err)
+        }
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
@@ -999,11 +1201,11 @@ impl Registry for EtcdRegistry {
     }
 
     async fn delete_claim(&self, ns: &str, task: &str) -> Result<()> {
-        let key = key(ns, "claims", task);
+        let key = &key(ns, "claims", task);
         self.claim_revs()
             .remove(&(ns.to_string(), task.to_string()));
-        self.retrying("delete a claim", || async {
-            let mut kv = self.shared.kv.clone();
+        self.retrying("delete a claim", |h| async move {
+            let mut kv = h.kv;
             kv.delete(key.as_str(), None).await
         })
         .await?;
@@ -1012,18 +1214,18 @@ impl Registry for EtcdRegistry {
 
     async fn clear(&self, ns: &str) -> Result<()> {
         self.claim_revs().retain(|(space, _), _| space != ns);
-        let prefixes = [
+        let prefixes = &[
             prefix(ns, "tasks"),
             prefix(ns, "deleted"),
             prefix(ns, "claims"),
         ];
         // One transaction: all three go at once.
-        self.retrying("clear the namespace", || async {
+        self.retrying("clear the namespace", |h| async move {
             let ops: Vec<TxnOp> = prefixes
                 .iter()
                 .map(|p| TxnOp::delete(p.as_str(), Some(DeleteOptions::new().with_prefix())))
                 .collect();
-            let mut kv = self.shared.kv.clone();
+            let mut kv = h.kv;
             kv.txn(Txn::new().and_then(ops)).await
         })
         .await?;
@@ -1100,20 +1302,25 @@ impl Feed {
         let options = WatchOptions::new()
             .with_range(self.end.clone())
             .with_start_revision(*next);
-        let mut client = self.registry.shared.client.watch_client();
-        let timeout = self.registry.request_timeout;
+        let registry = self.registry.clone();
+        let member = registry.current();
+        let start = self.start.as_str();
+        let mut open_stream = |h: Handles| {
+            let options = options.clone();
+            async move {
+                let mut client = h.client.watch_client();
+                client.watch(start, Some(options)).await
+            }
+        };
+        let open = registry.attempt("open a watch stream", &mut open_stream);
         let opened = tokio::select! {
             _ = self.tx.closed() => return Ended::Closed,
-            opened = tokio::time::timeout(timeout, client.watch(self.start.as_str(), Some(options))) => opened,
+            opened = open => opened,
         };
         let mut stream = match opened {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
+            Ok(stream) => stream,
+            Err(Failure::Final(err) | Failure::Retryable(err)) => {
                 tracing::warn!(backend = BACKEND, ns = %self.ns, %err, "watch: cannot open the stream; retrying");
-                return Ended::Broken;
-            }
-            Err(_) => {
-                tracing::warn!(backend = BACKEND, ns = %self.ns, ?timeout, "watch: opening the stream timed out; retrying");
                 return Ended::Broken;
             }
         };
@@ -1136,10 +1343,12 @@ impl Feed {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     tracing::warn!(backend = BACKEND, ns = %self.ns, "watch: stream ended; reconnecting");
+                    registry.rotate(member);
                     return Ended::Broken;
                 }
                 Err(err) => {
                     tracing::warn!(backend = BACKEND, ns = %self.ns, %err, "watch: stream failed; reconnecting");
+                    registry.rotate(member);
                     return Ended::Broken;
                 }
             };
@@ -1149,6 +1358,7 @@ impl Feed {
             }
             if resp.canceled() {
                 tracing::warn!(backend = BACKEND, ns = %self.ns, reason = resp.cancel_reason(), "watch: cancelled by the server; reconnecting");
+                registry.rotate(member);
                 return Ended::Broken;
             }
             if resp.created() {
@@ -1171,7 +1381,11 @@ impl Feed {
     /// Turns the events of `resp` into watch events; false if the receiver is gone.
     fn deliver(&mut self, resp: &WatchResponse, next: &mut i64) -> bool {
         let ns = &self.ns;
-        let (nodes, tasks, deleted) = (prefix(ns, "nodes"), prefix(ns, "tasks"), prefix(ns, "deleted"));
+        let (nodes, tasks, deleted) = (
+            prefix(ns, "nodes"),
+            prefix(ns, "tasks"),
+            prefix(ns, "deleted"),
+        );
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             *next = (*next).max(kv.mod_revision() + 1);
