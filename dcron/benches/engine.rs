@@ -20,10 +20,16 @@ fn rusage() -> (f64, i64) {
 }
 
 fn main() {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let n = args.first().copied().unwrap_or(10_000) as usize;
     let secs = args.get(1).copied().unwrap_or(20);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(run(n, secs));
 }
 
@@ -38,16 +44,24 @@ async fn run(n: usize, secs: u64) {
     let t0 = Instant::now();
     for i in 0..n {
         let (fires, late) = (fires.clone(), late.clone());
-        node.add_func(&format!("job-{i}"), "* * * * * *", move |ctx: TaskContext| {
-            let (fires, late) = (fires.clone(), late.clone());
-            async move {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-                let us = (now.as_micros() as i64 - ctx.fire_time * 1000).max(0);
-                fires.fetch_add(1, Ordering::Relaxed);
-                late.lock().unwrap_or_else(|p| p.into_inner()).push(us as u32);
-                Ok(())
-            }
-        })
+        node.add_func(
+            &format!("job-{i}"),
+            "* * * * * *",
+            move |ctx: TaskContext| {
+                let (fires, late) = (fires.clone(), late.clone());
+                async move {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let us = (now.as_micros() as i64 - ctx.fire_time * 1000).max(0);
+                    fires.fetch_add(1, Ordering::Relaxed);
+                    late.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(us as u32);
+                    Ok(())
+                }
+            },
+        )
         .await
         .expect("add");
     }
@@ -59,7 +73,13 @@ async fn run(n: usize, secs: u64) {
     let f = fires.load(Ordering::Relaxed);
     let mut l = late.lock().unwrap_or_else(|p| p.into_inner()).clone();
     l.sort_unstable();
-    let p = |q: f64| if l.is_empty() { 0 } else { l[((l.len() - 1) as f64 * q) as usize] };
+    let p = |q: f64| {
+        if l.is_empty() {
+            0
+        } else {
+            l[((l.len() - 1) as f64 * q) as usize]
+        }
+    };
     println!(
         "peer=dcron jobs={n} secs={secs} add_s={add_s:.2} add_cpu_s={:.2} rss_after_add_kb={rss_add} fires={f} fires_per_s={:.0} run_cpu_s={:.2} cpu_us_per_fire={:.1} peak_rss_kb={rss1} late_p50_us={} late_p99_us={} late_max_us={}",
         cpu_add - cpu0,

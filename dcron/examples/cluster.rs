@@ -39,10 +39,14 @@ async fn main() -> dcron::Result<()> {
             .build()?;
         // Static tasks: defined in code on every node, run by exactly one.
         for i in 1..=9 {
-            node.add_func(&format!("report-{i}"), "*/2 * * * * *", move |ctx: TaskContext| async move {
-                line(id, &ctx, "static");
-                Ok(())
-            })
+            node.add_func(
+                &format!("report-{i}"),
+                "*/2 * * * * *",
+                move |ctx: TaskContext| async move {
+                    line(id, &ctx, "static");
+                    Ok(())
+                },
+            )
             .await?;
         }
         node.start().await?;
@@ -50,9 +54,15 @@ async fn main() -> dcron::Result<()> {
     }
 
     // Dynamic tasks: stored in the registry, run by the task handler.
-    for (name, cron) in [("invoice-sync", "*/3 * * * * *"), ("cache-warmup", "*/4 * * * * *"), ("audit", "*/5 * * * * *")] {
+    for (name, cron) in [
+        ("invoice-sync", "*/3 * * * * *"),
+        ("cache-warmup", "*/4 * * * * *"),
+        ("audit", "*/5 * * * * *"),
+    ] {
         nodes[0]
-            .add_task_meta(TaskMeta::new(name, cron).with_payload(format!("{{\"job\":\"{name}\"}}")))
+            .add_task_meta(
+                TaskMeta::new(name, cron).with_payload(format!("{{\"job\":\"{name}\"}}")),
+            )
             .await?;
     }
 
@@ -61,7 +71,10 @@ async fn main() -> dcron::Result<()> {
     tokio::time::sleep(Duration::from_secs(9)).await;
 
     let leaving = nodes.pop().expect("three nodes");
-    println!("\n--- stopping node-3, which owned {:?} ---\n", leaving.my_running_tasks());
+    println!(
+        "\n--- stopping node-3, which owned {:?} ---\n",
+        leaving.my_running_tasks()
+    );
     leaving.stop().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     print_owners(&nodes, "ownership after node-3 left");

@@ -135,7 +135,10 @@ impl Builder {
     }
 
     /// Called with every failed or panicked run (default: log an error).
-    pub fn error_handler(mut self, handler: impl Fn(&TaskMeta, &Error) + Send + Sync + 'static) -> Self {
+    pub fn error_handler(
+        mut self,
+        handler: impl Fn(&TaskMeta, &Error) + Send + Sync + 'static,
+    ) -> Self {
         self.error_handler = Some(Arc::new(handler));
         self
     }
@@ -201,7 +204,9 @@ impl Builder {
         }
         let timing = self.registry.timing();
         let ttl = self.node_ttl.unwrap_or(timing.node_ttl);
-        let heartbeat = self.heartbeat.unwrap_or_else(|| timing.heartbeat.min(ttl / 3));
+        let heartbeat = self
+            .heartbeat
+            .unwrap_or_else(|| timing.heartbeat.min(ttl / 3));
         let reload = self.reload.unwrap_or(timing.reload);
         if heartbeat.is_zero() || heartbeat >= ttl {
             return Err(Error::InvalidConfig(format!(
@@ -209,7 +214,9 @@ impl Builder {
             )));
         }
         if reload.is_zero() {
-            return Err(Error::InvalidConfig("reload interval must be positive".into()));
+            return Err(Error::InvalidConfig(
+                "reload interval must be positive".into(),
+            ));
         }
         Ok(Dcron::from_builder(self, ttl, heartbeat, reload))
     }

@@ -112,7 +112,12 @@ impl Dcron {
         Builder::new(registry)
     }
 
-    pub(crate) fn from_builder(b: Builder, ttl: Duration, heartbeat: Duration, reload: Duration) -> Dcron {
+    pub(crate) fn from_builder(
+        b: Builder,
+        ttl: Duration,
+        heartbeat: Duration,
+        reload: Duration,
+    ) -> Dcron {
         let node_id = b
             .node_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -192,7 +197,8 @@ impl Dcron {
     /// nodes that define it. Fails with [`Error::TaskDeleted`] if the name
     /// carries a tombstone and [`Error::TaskExists`] if it is defined.
     pub async fn add_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
-        self.add_static(name, cron, Arc::new(task), false, false).await
+        self.add_static(name, cron, Arc::new(task), false, false)
+            .await
     }
 
     /// [`add_task`](Self::add_task) for an async closure.
@@ -207,7 +213,8 @@ impl Dcron {
     /// A static task that runs once in the whole cluster, ever, then is
     /// marked deleted.
     pub async fn add_one_shot_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
-        self.add_static(name, cron, Arc::new(task), true, false).await
+        self.add_static(name, cron, Arc::new(task), true, false)
+            .await
     }
 
     /// [`add_one_shot_task`](Self::add_one_shot_task) for an async closure.
@@ -222,7 +229,8 @@ impl Dcron {
     /// Overwrites: clears the tombstone, the claim and any local
     /// definition of `name`, then adds the static task.
     pub async fn force_add_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
-        self.add_static(name, cron, Arc::new(task), false, true).await
+        self.add_static(name, cron, Arc::new(task), false, true)
+            .await
     }
 
     /// [`force_add_task`](Self::force_add_task) for an async closure.
@@ -235,8 +243,14 @@ impl Dcron {
     }
 
     /// Overwriting variant of [`add_one_shot_task`](Self::add_one_shot_task).
-    pub async fn force_add_one_shot_task(&self, name: &str, cron: &str, task: impl Task) -> Result<()> {
-        self.add_static(name, cron, Arc::new(task), true, true).await
+    pub async fn force_add_one_shot_task(
+        &self,
+        name: &str,
+        cron: &str,
+        task: impl Task,
+    ) -> Result<()> {
+        self.add_static(name, cron, Arc::new(task), true, true)
+            .await
     }
 
     /// Overwriting variant of [`add_one_shot_func`](Self::add_one_shot_func).
@@ -248,7 +262,14 @@ impl Dcron {
         self.force_add_one_shot_task(name, cron, f).await
     }
 
-    async fn add_static(&self, name: &str, cron: &str, body: Arc<dyn Task>, one_shot: bool, force: bool) -> Result<()> {
+    async fn add_static(
+        &self,
+        name: &str,
+        cron: &str,
+        body: Arc<dyn Task>,
+        one_shot: bool,
+        force: bool,
+    ) -> Result<()> {
         validate_task_name(name)?;
         let schedule = self.inner.schedule(cron)?;
         if force {
@@ -287,7 +308,10 @@ impl Dcron {
         if self.inner.lock().statics.contains_key(&meta.name) {
             return Err(Error::TaskExists(meta.name));
         }
-        self.inner.registry.put_task(&self.inner.ns, &meta, false).await
+        self.inner
+            .registry
+            .put_task(&self.inner.ns, &meta, false)
+            .await
     }
 
     /// Overwrites: clears the tombstone and the claim of the name, then
@@ -295,7 +319,10 @@ impl Dcron {
     pub async fn force_add_task_meta(&self, meta: TaskMeta) -> Result<()> {
         self.inner.check_meta(&meta)?;
         self.inner.forget_history(&meta.name).await?;
-        self.inner.registry.put_task(&self.inner.ns, &meta, true).await
+        self.inner
+            .registry
+            .put_task(&self.inner.ns, &meta, true)
+            .await
     }
 
     // ----- deletion -----------------------------------------------------
@@ -305,7 +332,10 @@ impl Dcron {
     /// restarts, until [`reuse_deleted_task`](Self::reuse_deleted_task).
     pub async fn mark_task_deleted(&self, name: &str) -> Result<()> {
         validate_task_name(name)?;
-        self.inner.registry.put_tombstone(&self.inner.ns, name).await?;
+        self.inner
+            .registry
+            .put_tombstone(&self.inner.ns, name)
+            .await?;
         self.inner.apply(WatchEvent::TombstonePut(name.to_string()));
         Ok(())
     }
@@ -313,8 +343,12 @@ impl Dcron {
     /// Removes the tombstone so the task runs again.
     pub async fn reuse_deleted_task(&self, name: &str) -> Result<()> {
         validate_task_name(name)?;
-        self.inner.registry.delete_tombstone(&self.inner.ns, name).await?;
-        self.inner.apply(WatchEvent::TombstoneDelete(name.to_string()));
+        self.inner
+            .registry
+            .delete_tombstone(&self.inner.ns, name)
+            .await?;
+        self.inner
+            .apply(WatchEvent::TombstoneDelete(name.to_string()));
         Ok(())
     }
 
@@ -331,7 +365,8 @@ impl Dcron {
             self.inner.lock().publish_statics = true;
         }
         self.inner.apply(WatchEvent::TaskDelete(name.to_string()));
-        self.inner.apply(WatchEvent::TombstoneDelete(name.to_string()));
+        self.inner
+            .apply(WatchEvent::TombstoneDelete(name.to_string()));
         Ok(())
     }
 
@@ -366,7 +401,12 @@ impl Dcron {
             st.publish_statics = false;
             st.record()
         };
-        inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
+        inner
+            .call(
+                "register",
+                inner.registry.register(&inner.ns, &record, inner.ttl),
+            )
+            .await?;
         let watch = match inner.call("watch", inner.registry.watch(&inner.ns)).await {
             Ok(rx) => Some(rx),
             Err(err) => {
@@ -383,8 +423,19 @@ impl Dcron {
             st.me.status = NodeStatus::Working;
             st.record()
         };
-        if !inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await? {
-            inner.call("register", inner.registry.register(&inner.ns, &record, inner.ttl)).await?;
+        if !inner
+            .call(
+                "update node",
+                inner.registry.update_node(&inner.ns, &record),
+            )
+            .await?
+        {
+            inner
+                .call(
+                    "register",
+                    inner.registry.register(&inner.ns, &record, inner.ttl),
+                )
+                .await?;
         }
         inner.apply(WatchEvent::NodePut(record));
         inner.engine.resume();
@@ -415,15 +466,29 @@ impl Dcron {
             st.me.status = NodeStatus::Leaving;
             st.record()
         };
-        if let Err(err) = inner.call("update node", inner.registry.update_node(&inner.ns, &record)).await {
+        if let Err(err) = inner
+            .call(
+                "update node",
+                inner.registry.update_node(&inner.ns, &record),
+            )
+            .await
+        {
             tracing::warn!(%err, "could not publish `leaving`; others take over after the TTL");
         }
         inner.engine.stop();
         let _ = running.shutdown.send(true);
         if !inner.engine.drain(inner.drain_timeout).await {
-            tracing::warn!(running = inner.engine.running(), "drain timeout: leaving tasks running");
+            tracing::warn!(
+                running = inner.engine.running(),
+                "drain timeout: leaving tasks running"
+            );
         }
-        let unregistered = inner.call("unregister", inner.registry.unregister(&inner.ns, &record.id)).await;
+        let unregistered = inner
+            .call(
+                "unregister",
+                inner.registry.unregister(&inner.ns, &record.id),
+            )
+            .await;
         for handle in running.loops {
             handle.abort();
         }
@@ -655,13 +720,22 @@ impl Inner {
         let new_nodes: BTreeSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         let new_tasks: BTreeSet<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
         let new_tombstones: BTreeSet<&String> = tombstones.iter().collect();
-        for id in old_nodes.into_iter().filter(|id| !new_nodes.contains(id.as_str())) {
+        for id in old_nodes
+            .into_iter()
+            .filter(|id| !new_nodes.contains(id.as_str()))
+        {
             self.apply(WatchEvent::NodeDelete(id));
         }
-        for name in old_tasks.into_iter().filter(|n| !new_tasks.contains(n.as_str())) {
+        for name in old_tasks
+            .into_iter()
+            .filter(|n| !new_tasks.contains(n.as_str()))
+        {
             self.apply(WatchEvent::TaskDelete(name));
         }
-        for name in old_tombstones.iter().filter(|n| !new_tombstones.contains(n)) {
+        for name in old_tombstones
+            .iter()
+            .filter(|n| !new_tombstones.contains(n))
+        {
             self.apply(WatchEvent::TombstoneDelete(name.clone()));
         }
         for node in nodes {
@@ -716,7 +790,10 @@ impl Inner {
             (jobs, publish)
         };
         if let Some(record) = publish {
-            match self.call("update node", self.registry.update_node(&self.ns, &record)).await {
+            match self
+                .call("update node", self.registry.update_node(&self.ns, &record))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) | Err(_) => {
                     self.lock().publish_statics = true;
@@ -733,7 +810,10 @@ impl Inner {
         };
         // Tasks that ran before and whose latest fire is newer than their
         // watermark missed that fire while nobody owned them.
-        let claims = match self.call("list claims", self.registry.claims(&self.ns)).await {
+        let claims = match self
+            .call("list claims", self.registry.claims(&self.ns))
+            .await
+        {
             Ok(claims) => claims.into_iter().collect::<HashMap<_, _>>(),
             Err(err) => {
                 tracing::warn!(%err, "cannot read claims; no catch-up this time");
@@ -762,7 +842,11 @@ impl Inner {
             st.publish_statics = false;
             st.record()
         };
-        self.call("register", self.registry.register(&self.ns, &record, self.ttl)).await?;
+        self.call(
+            "register",
+            self.registry.register(&self.ns, &record, self.ttl),
+        )
+        .await?;
         self.apply(WatchEvent::NodePut(record));
         self.reload_view().await
     }
@@ -783,12 +867,22 @@ fn backoff(failures: u32, base: Duration) -> Duration {
 async fn heartbeat_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut failures = 0u32;
     loop {
-        let pause = if failures == 0 { inner.heartbeat } else { backoff(failures, inner.heartbeat / 2) };
+        let pause = if failures == 0 {
+            inner.heartbeat
+        } else {
+            backoff(failures, inner.heartbeat / 2)
+        };
         if !pause_or_stop(pause, &mut stop).await {
             return;
         }
         let id = inner.lock().me.id.clone();
-        let result = match inner.call("heartbeat", inner.registry.heartbeat(&inner.ns, &id, inner.ttl)).await {
+        let result = match inner
+            .call(
+                "heartbeat",
+                inner.registry.heartbeat(&inner.ns, &id, inner.ttl),
+            )
+            .await
+        {
             Ok(true) => Ok(()),
             Ok(false) => {
                 tracing::warn!(node = %id, "registration lost (expired or evicted); re-registering");
@@ -806,7 +900,11 @@ async fn heartbeat_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn watch_loop(inner: Arc<Inner>, mut rx: Option<WatchReceiver>, mut stop: watch::Receiver<bool>) {
+async fn watch_loop(
+    inner: Arc<Inner>,
+    mut rx: Option<WatchReceiver>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut failures = 0u32;
     loop {
         let Some(feed) = rx.as_mut() else {
@@ -850,7 +948,11 @@ async fn watch_loop(inner: Arc<Inner>, mut rx: Option<WatchReceiver>, mut stop: 
 async fn reload_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut failures = 0u32;
     loop {
-        let pause = if failures == 0 { inner.reload } else { backoff(failures, Duration::from_millis(500)) };
+        let pause = if failures == 0 {
+            inner.reload
+        } else {
+            backoff(failures, Duration::from_millis(500))
+        };
         if !pause_or_stop(pause, &mut stop).await {
             return;
         }

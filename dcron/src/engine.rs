@@ -206,13 +206,16 @@ impl Engine {
     pub fn set_jobs(&self, jobs: Vec<Job>) -> Vec<(String, Arc<Schedule>)> {
         let now = self.cfg.clock.now_ms();
         let mut st = self.lock();
-        let wanted: FxHashMap<&str, &Job> = jobs.iter().map(|j| (j.meta.name.as_str(), j)).collect();
+        let wanted: FxHashMap<&str, &Job> =
+            jobs.iter().map(|j| (j.meta.name.as_str(), j)).collect();
         let stale: Vec<String> = st
             .index
             .iter()
-            .filter(|(name, &slot)| match (wanted.get(name.0.name.as_str()), &st.slots[slot as usize]) {
-                (Some(job), Some(entry)) => !entry.same_as(job),
-                _ => true,
+            .filter(|(name, &slot)| {
+                match (wanted.get(name.0.name.as_str()), &st.slots[slot as usize]) {
+                    (Some(job), Some(entry)) => !entry.same_as(job),
+                    _ => true,
+                }
             })
             .map(|(name, _)| name.0.name.clone())
             .collect();
@@ -308,7 +311,10 @@ impl Engine {
                 if st.stopped {
                     return;
                 }
-                let lead = st.queue.first_key_value().map_or(0, |(_, f)| self.lead_ms(f.len()));
+                let lead = st
+                    .queue
+                    .first_key_value()
+                    .map_or(0, |(_, f)| self.lead_ms(f.len()));
                 st.take_due(now, lead)
             };
             if batch.is_empty() {
@@ -333,7 +339,10 @@ impl Engine {
     /// half again what claiming that many took recently, at most
     /// [`MAX_LEAD_MS`].
     fn lead_ms(&self, len: usize) -> i64 {
-        let ns = self.claim_ns.load(Ordering::Relaxed).saturating_mul(len as u64);
+        let ns = self
+            .claim_ns
+            .load(Ordering::Relaxed)
+            .saturating_mul(len as u64);
         let ms = i64::try_from(ns.saturating_mul(3) / 2 / 1_000_000).unwrap_or(MAX_LEAD_MS);
         (ms + 1).min(MAX_LEAD_MS)
     }
@@ -354,14 +363,28 @@ impl Engine {
                         .entry(key)
                         .or_insert_with(|| schedule.next_after(fire.fire_time.max(now - 1)));
                     if let Some(next) = next {
-                        st.push(next, Fire { fire_time: next, attempt: 0, ..fire });
+                        st.push(
+                            next,
+                            Fire {
+                                fire_time: next,
+                                attempt: 0,
+                                ..fire
+                            },
+                        );
                     }
                 }
-                if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
+                if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0
+                {
                     tracing::debug!(task = %runnable.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
                     continue;
                 }
-                ready.push((fire, Ready { fire_time: fire.fire_time, runnable }));
+                ready.push((
+                    fire,
+                    Ready {
+                        fire_time: fire.fire_time,
+                        runnable,
+                    },
+                ));
             }
         }
         ready.sort_by_key(|(fire, _)| fire.fire_time);
@@ -378,7 +401,10 @@ impl Engine {
         let mut rest = fires.as_slice();
         while let Some((first, _)) = rest.first() {
             let fire_time = first.fire_time;
-            let n = rest.iter().take_while(|(f, _)| f.fire_time == fire_time).count();
+            let n = rest
+                .iter()
+                .take_while(|(f, _)| f.fire_time == fire_time)
+                .count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
             let claim = Claim {
@@ -386,12 +412,24 @@ impl Engine {
                 node: self.cfg.node_id.clone(),
                 claimed_at: now,
             };
-            let names: Vec<&str> = group.iter().map(|(_, r)| r.runnable.meta.name.as_str()).collect();
+            let names: Vec<&str> = group
+                .iter()
+                .map(|(_, r)| r.runnable.meta.name.as_str())
+                .collect();
             let started = std::time::Instant::now();
-            let won = match self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim).await {
+            let won = match self
+                .cfg
+                .registry
+                .claim_many(&self.cfg.ns, &names, &claim)
+                .await
+            {
                 Ok(won) if won.len() == group.len() => won,
                 Ok(won) => {
-                    tracing::error!(expected = group.len(), got = won.len(), "registry answered a claim batch with the wrong length; fires skipped");
+                    tracing::error!(
+                        expected = group.len(),
+                        got = won.len(),
+                        "registry answered a claim batch with the wrong length; fires skipped"
+                    );
                     continue;
                 }
                 Err(err) => {
@@ -418,7 +456,10 @@ impl Engine {
         }
         let per = u64::try_from(took.as_nanos() / claims as u128).unwrap_or(u64::MAX);
         let old = self.claim_ns.load(Ordering::Relaxed);
-        self.claim_ns.store((old.saturating_mul(3) / 4).saturating_add(per / 4), Ordering::Relaxed);
+        self.claim_ns.store(
+            (old.saturating_mul(3) / 4).saturating_add(per / 4),
+            Ordering::Relaxed,
+        );
     }
 
     fn retry_later(&self, fires: impl Iterator<Item = Fire>, err: &Error) {
@@ -434,7 +475,14 @@ impl Engine {
             }
             let attempt = fire.attempt.saturating_add(1);
             let pause = (100_i64 << attempt.min(6)).min(MAX_RETRY_PAUSE_MS);
-            st.push(now + pause, Fire { regular: false, attempt, ..fire });
+            st.push(
+                now + pause,
+                Fire {
+                    regular: false,
+                    attempt,
+                    ..fire
+                },
+            );
             retried += 1;
         }
         drop(st);
@@ -457,7 +505,10 @@ impl Engine {
             let guard = self.count_run(r.clone());
             let fire_time = ready.fire_time;
             tokio::spawn(async move {
-                guard.engine.run_with_flags(&guard.runnable, fire_time).await;
+                guard
+                    .engine
+                    .run_with_flags(&guard.runnable, fire_time)
+                    .await;
                 drop(guard);
             });
             return;
@@ -475,7 +526,9 @@ impl Engine {
                 let fire_time = ready.fire_time;
                 tokio::spawn(async move {
                     let outcome = run.await;
-                    guard.engine.finish(&guard.runnable.meta, fire_time, outcome);
+                    guard
+                        .engine
+                        .finish(&guard.runnable.meta, fire_time, outcome);
                     drop(guard);
                 });
             }

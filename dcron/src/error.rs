@@ -13,7 +13,9 @@ pub enum Error {
     #[error("task `{0}` already exists; use a force_* call to overwrite it")]
     TaskExists(String),
     /// The task carries a tombstone.
-    #[error("task `{0}` is marked deleted; call reuse_deleted_task or a force_* call to add it again")]
+    #[error(
+        "task `{0}` is marked deleted; call reuse_deleted_task or a force_* call to add it again"
+    )]
     TaskDeleted(String),
     /// The cron expression (or its time zone) could not be parsed.
     #[error("invalid cron expression `{expr}`: {reason}")]

@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(s.timezone(), chrono_tz::America::New_York);
         let t = s.next_after(ms("2026-03-08T00:00:00-05:00")).unwrap();
         assert_eq!(utc(t), "2026-03-08T07:00:00+00:00"); // 03:00 EDT
-        // Falls back on 2026-11-01: 01:30 happens twice but runs once.
+                                                         // Falls back on 2026-11-01: 01:30 happens twice but runs once.
         let s = Schedule::parse("0 30 1 * * *", chrono_tz::America::New_York).unwrap();
         let first = s.next_after(ms("2026-11-01T00:00:00-04:00")).unwrap();
         let second = s.next_after(first).unwrap();
@@ -180,16 +180,30 @@ mod tests {
     fn latest_at_or_before() {
         let s = Schedule::parse("0 * * * * *", Tz::UTC).unwrap();
         let at = ms("2026-01-01T10:00:30Z");
-        assert_eq!(utc(s.latest_at_or_before(at).unwrap()), "2026-01-01T10:00:00+00:00");
+        assert_eq!(
+            utc(s.latest_at_or_before(at).unwrap()),
+            "2026-01-01T10:00:00+00:00"
+        );
         let exact = ms("2026-01-01T10:01:00Z");
         assert_eq!(s.latest_at_or_before(exact), Some(exact));
     }
 
     #[test]
     fn invalid() {
-        for bad in ["", "* * *", "61 * * * * *", "CRON_TZ=Mars/Base * * * * *", "CRON_TZ=UTC", "0 0 30 2 *", "nonsense"] {
+        for bad in [
+            "",
+            "* * *",
+            "61 * * * * *",
+            "CRON_TZ=Mars/Base * * * * *",
+            "CRON_TZ=UTC",
+            "0 0 30 2 *",
+            "nonsense",
+        ] {
             assert!(
-                matches!(Schedule::parse(bad, Tz::UTC), Err(Error::InvalidCron { .. })),
+                matches!(
+                    Schedule::parse(bad, Tz::UTC),
+                    Err(Error::InvalidCron { .. })
+                ),
                 "{bad:?} should be rejected"
             );
         }

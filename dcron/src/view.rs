@@ -161,7 +161,10 @@ pub fn ownership(
 ) -> BTreeMap<String, String> {
     let view = View {
         nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
-        tasks: tasks.iter().map(|t| (t.name.clone(), Arc::new(t.clone()))).collect(),
+        tasks: tasks
+            .iter()
+            .map(|t| (t.name.clone(), Arc::new(t.clone())))
+            .collect(),
         tombstones: tombstones.iter().cloned().collect(),
     };
     assign(&view, None, assigner)
@@ -200,8 +203,10 @@ mod tests {
         ] {
             view.nodes.insert(n.id.clone(), n);
         }
-        view.tasks.insert("d1".into(), Arc::new(TaskMeta::new("d1", "* * * * *")));
-        view.tasks.insert("gone".into(), Arc::new(TaskMeta::new("gone", "* * * * *")));
+        view.tasks
+            .insert("d1".into(), Arc::new(TaskMeta::new("d1", "* * * * *")));
+        view.tasks
+            .insert("gone".into(), Arc::new(TaskMeta::new("gone", "* * * * *")));
         view.tombstones.insert("gone".into());
         for strategy in Strategy::ALL {
             let owners: BTreeMap<&str, &str> = assign(&view, None, &strategy).into_iter().collect();
@@ -216,8 +221,10 @@ mod tests {
     #[test]
     fn nobody_working_owns_nothing() {
         let mut view = View::default();
-        view.nodes.insert("a".into(), node("a", NodeStatus::Leaving, &["s"]));
-        view.tasks.insert("d".into(), Arc::new(TaskMeta::new("d", "* * * * *")));
+        view.nodes
+            .insert("a".into(), node("a", NodeStatus::Leaving, &["s"]));
+        view.tasks
+            .insert("d".into(), Arc::new(TaskMeta::new("d", "* * * * *")));
         assert!(assign(&view, None, &Strategy::Consistent).is_empty());
     }
 }

@@ -53,14 +53,19 @@ async fn periodic_reload_recovers_a_dropped_event() {
     let node = recording_node(&registry, &ns, "n1", &ledger);
     node.start().await.expect("start");
     registry.drop_next_events(1);
-    let writer = Dcron::builder(registry.clone()).namespace(&ns).build().expect("writer");
+    let writer = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .build()
+        .expect("writer");
     writer
         .add_task_meta(TaskMeta::new("late-news", "* * * * * *"))
         .await
         .expect("add");
-    eventually(Duration::from_secs(5), "the reload to pick up the task", || async {
-        node.my_running_tasks() == vec!["late-news".to_string()]
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the reload to pick up the task",
+        || async { node.my_running_tasks() == vec!["late-news".to_string()] },
+    )
     .await;
     let l = ledger.clone();
     eventually(Duration::from_secs(5), "the task to run", || {
@@ -78,7 +83,9 @@ async fn failed_claims_are_retried_not_lost() {
     let ns = fresh_ns("claim-retry");
     let ledger = Ledger::default();
     let node = recording_node(&registry, &ns, "n1", &ledger);
-    node.add_task_meta(TaskMeta::new("steady", "* * * * * *")).await.expect("add");
+    node.add_task_meta(TaskMeta::new("steady", "* * * * * *"))
+        .await
+        .expect("add");
     node.start().await.expect("start");
     let l = ledger.clone();
     eventually(Duration::from_secs(5), "a first run", || {
@@ -103,7 +110,9 @@ async fn expired_node_reregisters_and_resumes() {
     let ns = fresh_ns("reregister");
     let ledger = Ledger::default();
     let node = recording_node(&registry, &ns, "n1", &ledger);
-    node.add_task_meta(TaskMeta::new("t", "* * * * * *")).await.expect("add");
+    node.add_task_meta(TaskMeta::new("t", "* * * * * *"))
+        .await
+        .expect("add");
     node.start().await.expect("start");
     registry.expire_node(&ns, "n1");
     let r: Arc<dyn Registry> = Arc::new(registry.clone());
@@ -132,15 +141,33 @@ async fn bad_input_is_rejected_and_writes_nothing() {
         .expect("node");
     let noop = |_: TaskContext| async { Ok(()) };
     for name in ["", "a/b", "white space", &"x".repeat(201)] {
-        assert!(matches!(node.add_func(name, "* * * * *", noop).await, Err(Error::InvalidTaskName { .. })));
+        assert!(matches!(
+            node.add_func(name, "* * * * *", noop).await,
+            Err(Error::InvalidTaskName { .. })
+        ));
         assert!(matches!(
             node.add_task_meta(TaskMeta::new(name, "* * * * *")).await,
             Err(Error::InvalidTaskName { .. })
         ));
-        assert!(matches!(node.mark_task_deleted(name).await, Err(Error::InvalidTaskName { .. })));
+        assert!(matches!(
+            node.mark_task_deleted(name).await,
+            Err(Error::InvalidTaskName { .. })
+        ));
     }
-    for cron in ["", "* * *", "99 * * * *", "0 0 31 2 *", "CRON_TZ=Nowhere/City * * * * *"] {
-        assert!(matches!(node.add_func("ok", cron, noop).await, Err(Error::InvalidCron { .. })), "{cron}");
+    for cron in [
+        "",
+        "* * *",
+        "99 * * * *",
+        "0 0 31 2 *",
+        "CRON_TZ=Nowhere/City * * * * *",
+    ] {
+        assert!(
+            matches!(
+                node.add_func("ok", cron, noop).await,
+                Err(Error::InvalidCron { .. })
+            ),
+            "{cron}"
+        );
         assert!(matches!(
             node.add_task_meta(TaskMeta::new("ok", cron)).await,
             Err(Error::InvalidCron { .. })
@@ -150,12 +177,19 @@ async fn bad_input_is_rejected_and_writes_nothing() {
         .add_task_meta(TaskMeta::new("big", "* * * * *").with_payload("x".repeat(17)))
         .await
     {
-        Err(Error::PayloadTooLarge { size: 17, limit: 16 }) => {}
+        Err(Error::PayloadTooLarge {
+            size: 17,
+            limit: 16,
+        }) => {}
         other => panic!("expected PayloadTooLarge, got {other:?}"),
     }
     assert!(node.all_tasks().is_empty());
     assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
-    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert!(registry
+        .tombstones(&ns)
+        .await
+        .expect("tombstones")
+        .is_empty());
     assert!(matches!(
         Dcron::builder(registry.clone()).namespace("bad/ns").build(),
         Err(Error::InvalidConfig(_))
@@ -167,16 +201,29 @@ async fn bad_input_is_rejected_and_writes_nothing() {
 async fn lifecycle_and_events() {
     let registry = MemoryRegistry::new();
     let ns = fresh_ns("lifecycle");
-    let a = Dcron::builder(registry.clone()).namespace(&ns).node_id("a").build().expect("a");
+    let a = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .node_id("a")
+        .build()
+        .expect("a");
     let mut events = a.subscribe();
     a.start().await.expect("start");
     assert!(matches!(a.start().await, Err(Error::AlreadyRunning)));
-    let b = Dcron::builder(registry.clone()).namespace(&ns).node_id("b").build().expect("b");
+    let b = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .node_id("b")
+        .build()
+        .expect("b");
     b.start().await.expect("start b");
     let nodes = a.nodes().await.expect("nodes");
-    assert_eq!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert!(nodes.iter().all(|n| n.status == dcron::NodeStatus::Working));
-    b.add_task_meta(TaskMeta::new("d", "0 0 * * * *")).await.expect("add");
+    b.add_task_meta(TaskMeta::new("d", "0 0 * * * *"))
+        .await
+        .expect("add");
     b.stop().await.expect("stop b");
     let mut saw = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -193,9 +240,17 @@ async fn lifecycle_and_events() {
             _ => "other",
         });
     }
-    for want in ["node-put-b", "node-changed-b", "task-put-d", "node-delete-b"] {
+    for want in [
+        "node-put-b",
+        "node-changed-b",
+        "task-put-d",
+        "node-delete-b",
+    ] {
         assert!(saw.contains(&want), "missing {want} in {saw:?}");
     }
     a.stop().await.expect("stop a");
-    assert!(registry.nodes(&ns).await.expect("nodes").is_empty(), "stop unregisters");
+    assert!(
+        registry.nodes(&ns).await.expect("nodes").is_empty(),
+        "stop unregisters"
+    );
 }

@@ -59,7 +59,13 @@ async fn after_run_flags_and_their_precedence() {
     let r: Arc<dyn Registry> = Arc::new(registry.clone());
     eventually(Duration::from_secs(5), "flags applied", || async {
         let tombstones = r.tombstones(&ns).await.expect("tombstones");
-        let tasks: Vec<String> = r.tasks(&ns).await.expect("tasks").into_iter().map(|t| t.name).collect();
+        let tasks: Vec<String> = r
+            .tasks(&ns)
+            .await
+            .expect("tasks")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
         let mut t = tombstones.clone();
         t.sort();
         t == ["mark", "once", "once-cleanup"] && {
@@ -69,15 +75,28 @@ async fn after_run_flags_and_their_precedence() {
         }
     })
     .await;
-    let claims: Vec<String> = r.claims(&ns).await.expect("claims").into_iter().map(|c| c.0).collect();
-    assert!(!claims.contains(&"cleanup".to_string()) && !claims.contains(&"cleanup-wins".to_string()));
+    let claims: Vec<String> = r
+        .claims(&ns)
+        .await
+        .expect("claims")
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert!(
+        !claims.contains(&"cleanup".to_string()) && !claims.contains(&"cleanup-wins".to_string())
+    );
     let stop_at = now_ms() + 2000;
     while now_ms() < stop_at {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     node.stop().await.expect("stop");
     for name in names {
-        assert_eq!(ledger.fires(name).len(), 1, "{name} ran {:?}", ledger.fires(name));
+        assert_eq!(
+            ledger.fires(name).len(),
+            1,
+            "{name} ran {:?}",
+            ledger.fires(name)
+        );
     }
     ledger.assert_no_duplicates();
 }
@@ -99,8 +118,12 @@ async fn failures_and_panics_reach_the_error_handler() {
         })
         .build()
         .expect("node");
-    node.add_func("fails", "* * * * * *", |_| async { Err("boom".into()) }).await.expect("add");
-    node.add_func("panics", "* * * * * *", |_| async { panic!("kaboom") }).await.expect("add");
+    node.add_func("fails", "* * * * * *", |_| async { Err("boom".into()) })
+        .await
+        .expect("add");
+    node.add_func("panics", "* * * * * *", |_| async { panic!("kaboom") })
+        .await
+        .expect("add");
     node.add_func("panics-later", "* * * * * *", |_| async {
         tokio::time::sleep(Duration::from_millis(10)).await;
         panic!("late kaboom")
@@ -144,12 +167,18 @@ async fn overlap_skip_and_allow() {
         .await
         .expect("add");
         node.start().await.expect("start");
-        eventually(Duration::from_secs(10), "three fire times to pass", || async {
-            starts.load(Ordering::SeqCst) >= 2
-        })
+        eventually(
+            Duration::from_secs(10),
+            "three fire times to pass",
+            || async { starts.load(Ordering::SeqCst) >= 2 },
+        )
         .await;
         node.stop().await.expect("stop");
-        assert_eq!(max_seen.load(Ordering::SeqCst) > 1, expect_overlap, "{policy:?}");
+        assert_eq!(
+            max_seen.load(Ordering::SeqCst) > 1,
+            expect_overlap,
+            "{policy:?}"
+        );
     }
 }
 
@@ -168,10 +197,15 @@ async fn static_tasks_run_only_where_defined() {
     }
     let from = now_ms() + 1500;
     eventually(Duration::from_secs(10), "runs after all joined", || async {
-        names.iter().all(|t| ledger.fires(t).iter().any(|f| *f > from))
+        names
+            .iter()
+            .all(|t| ledger.fires(t).iter().any(|f| *f > from))
     })
     .await;
-    assert!(ledger.runs().iter().all(|r| r.node == "a"), "a static task ran on a node lacking it");
+    assert!(
+        ledger.runs().iter().all(|r| r.node == "a"),
+        "a static task ran on a node lacking it"
+    );
     assert_eq!(a.my_running_tasks().len(), names.len());
     for n in [&a, &b, &c] {
         n.stop().await.expect("stop");
@@ -182,36 +216,91 @@ async fn static_tasks_run_only_where_defined() {
 async fn force_add_cleanup_and_wipe() {
     let registry = MemoryRegistry::new();
     let ns = fresh_ns("force");
-    let node = Dcron::builder(registry.clone()).namespace(&ns).build().expect("node");
+    let node = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .build()
+        .expect("node");
     let noop = |_: TaskContext| async { Ok(()) };
     node.add_func("s", "* * * * * *", noop).await.expect("add");
-    assert!(matches!(node.add_func("s", "* * * * * *", noop).await, Err(Error::TaskExists(_))));
+    assert!(matches!(
+        node.add_func("s", "* * * * * *", noop).await,
+        Err(Error::TaskExists(_))
+    ));
     node.mark_task_deleted("s").await.expect("delete");
-    assert!(matches!(node.add_func("s", "* * * * * *", noop).await, Err(Error::TaskDeleted(_))));
-    node.force_add_func("s", "*/2 * * * * *", noop).await.expect("force add");
-    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert!(matches!(
+        node.add_func("s", "* * * * * *", noop).await,
+        Err(Error::TaskDeleted(_))
+    ));
+    node.force_add_func("s", "*/2 * * * * *", noop)
+        .await
+        .expect("force add");
+    assert!(registry
+        .tombstones(&ns)
+        .await
+        .expect("tombstones")
+        .is_empty());
 
-    node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await.expect("add");
-    assert!(registry.claim(&ns, "d", &dcron::registry::Claim { fire_time: i64::MAX - 1, node: "x".into(), claimed_at: 0 }).await.expect("claim"));
+    node.add_task_meta(TaskMeta::new("d", "* * * * * *"))
+        .await
+        .expect("add");
+    assert!(registry
+        .claim(
+            &ns,
+            "d",
+            &dcron::registry::Claim {
+                fire_time: i64::MAX - 1,
+                node: "x".into(),
+                claimed_at: 0
+            }
+        )
+        .await
+        .expect("claim"));
     node.mark_task_deleted("d").await.expect("delete");
-    assert!(matches!(node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await, Err(Error::TaskDeleted(_))));
-    node.force_add_task_meta(TaskMeta::new("d", "*/3 * * * * *").with_payload("v2")).await.expect("force");
+    assert!(matches!(
+        node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await,
+        Err(Error::TaskDeleted(_))
+    ));
+    node.force_add_task_meta(TaskMeta::new("d", "*/3 * * * * *").with_payload("v2"))
+        .await
+        .expect("force");
     let tasks = registry.tasks(&ns).await.expect("tasks");
-    assert_eq!(tasks, vec![TaskMeta::new("d", "*/3 * * * * *").with_payload("v2")]);
-    assert!(registry.claims(&ns).await.expect("claims").is_empty(), "force clears the claim");
-    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert_eq!(
+        tasks,
+        vec![TaskMeta::new("d", "*/3 * * * * *").with_payload("v2")]
+    );
+    assert!(
+        registry.claims(&ns).await.expect("claims").is_empty(),
+        "force clears the claim"
+    );
+    assert!(registry
+        .tombstones(&ns)
+        .await
+        .expect("tombstones")
+        .is_empty());
 
     node.mark_task_deleted("d").await.expect("delete");
     node.cleanup_task("d").await.expect("cleanup");
     assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
-    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
-    node.add_task_meta(TaskMeta::new("d", "* * * * * *")).await.expect("add after cleanup");
+    assert!(registry
+        .tombstones(&ns)
+        .await
+        .expect("tombstones")
+        .is_empty());
+    node.add_task_meta(TaskMeta::new("d", "* * * * * *"))
+        .await
+        .expect("add after cleanup");
 
-    node.force_add_one_shot_func("o", "* * * * * *", noop).await.expect("one-shot");
+    node.force_add_one_shot_func("o", "* * * * * *", noop)
+        .await
+        .expect("one-shot");
     node.mark_task_deleted("o").await.expect("delete");
     node.force_cleanup_all_tasks().await.expect("wipe");
     assert!(registry.tasks(&ns).await.expect("tasks").is_empty());
-    assert!(registry.tombstones(&ns).await.expect("tombstones").is_empty());
+    assert!(registry
+        .tombstones(&ns)
+        .await
+        .expect("tombstones")
+        .is_empty());
     assert!(registry.claims(&ns).await.expect("claims").is_empty());
     let mut all = node.all_tasks();
     all.sort();
@@ -226,16 +315,24 @@ async fn namespaces_run_independently() {
     let one = recording_node(&registry, &ns1, "same-id", &ledger);
     let two = recording_node(&registry, &ns2, "same-id", &ledger);
     for (n, ns) in [(&one, &ns1), (&two, &ns2)] {
-        n.add_task_meta(TaskMeta::new("job", "* * * * * *").with_payload(ns.as_str())).await.expect("add");
+        n.add_task_meta(TaskMeta::new("job", "* * * * * *").with_payload(ns.as_str()))
+            .await
+            .expect("add");
         n.start().await.expect("start");
     }
     assert_eq!(one.nodes().await.expect("nodes").len(), 1);
-    eventually(Duration::from_secs(5), "both namespaces to run job", || async {
-        ledger.runs().iter().filter(|r| r.task == "job").count() >= 2
-    })
+    eventually(
+        Duration::from_secs(5),
+        "both namespaces to run job",
+        || async { ledger.runs().iter().filter(|r| r.task == "job").count() >= 2 },
+    )
     .await;
     one.mark_task_deleted("job").await.expect("delete in one");
-    assert!(registry.tombstones(&ns2).await.expect("tombstones").is_empty());
+    assert!(registry
+        .tombstones(&ns2)
+        .await
+        .expect("tombstones")
+        .is_empty());
     for n in [&one, &two] {
         n.stop().await.expect("stop");
     }

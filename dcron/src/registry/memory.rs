@@ -96,7 +96,6 @@ enum ClaimSlot {
     Corrupt(Vec<u8>),
 }
 
-
 impl MemoryRegistry {
     /// A new, empty registry.
     pub fn new() -> Self {
@@ -133,7 +132,9 @@ impl MemoryRegistry {
             RawKind::Node => {
                 let beat = Instant::now();
                 let expires = beat + Duration::from_secs(3600);
-                space.nodes.insert(name.to_string(), NodeSlot { raw, expires, beat });
+                space
+                    .nodes
+                    .insert(name.to_string(), NodeSlot { raw, expires, beat });
             }
             RawKind::Task => {
                 space.tasks.insert(name.to_string(), raw);
@@ -310,7 +311,8 @@ impl Registry for MemoryRegistry {
             beat,
         };
         space.nodes.insert(node.id.clone(), slot);
-        self.shared.publish(space, WatchEvent::NodePut(node.clone()));
+        self.shared
+            .publish(space, WatchEvent::NodePut(node.clone()));
         Ok(())
     }
 
@@ -339,7 +341,8 @@ impl Registry for MemoryRegistry {
             return Ok(false);
         };
         slot.raw = codec::encode(node);
-        self.shared.publish(space, WatchEvent::NodePut(node.clone()));
+        self.shared
+            .publish(space, WatchEvent::NodePut(node.clone()));
         Ok(true)
     }
 
@@ -381,7 +384,8 @@ impl Registry for MemoryRegistry {
             return Err(Error::TaskExists(meta.name.clone()));
         }
         space.tasks.insert(meta.name.clone(), codec::encode(meta));
-        self.shared.publish(space, WatchEvent::TaskPut(meta.clone()));
+        self.shared
+            .publish(space, WatchEvent::TaskPut(meta.clone()));
         Ok(())
     }
 
@@ -479,8 +483,9 @@ impl Registry for MemoryRegistry {
                         claimed_at: *claimed_at,
                     },
                 )),
-                ClaimSlot::Corrupt(raw) => codec::decode_claim(BACKEND, name, raw)
-                    .map(|claim| (name.clone(), claim)),
+                ClaimSlot::Corrupt(raw) => {
+                    codec::decode_claim(BACKEND, name, raw).map(|claim| (name.clone(), claim))
+                }
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -505,7 +510,8 @@ impl Registry for MemoryRegistry {
             self.shared.publish(space, WatchEvent::TaskDelete(name));
         }
         for name in tombstones.into_keys() {
-            self.shared.publish(space, WatchEvent::TombstoneDelete(name));
+            self.shared
+                .publish(space, WatchEvent::TombstoneDelete(name));
         }
         Ok(())
     }
