@@ -407,36 +407,16 @@ impl Dcron {
                 inner.registry.register(&inner.ns, &record, inner.ttl),
             )
             .await?;
-        let watch = match inner.call("watch", inner.registry.watch(&inner.ns)).await {
-            Ok(rx) => Some(rx),
+        let watch = match inner.join().await {
+            Ok(watch) => watch,
             Err(err) => {
-                tracing::warn!(%err, "watch unavailable at start; relying on reloads until it comes back");
-                None
+                // Leave nothing half-registered behind.
+                let _ = inner.registry.unregister(&inner.ns, &record.id).await;
+                inner.lock().me.status = NodeStatus::Starting;
+                return Err(err);
             }
         };
-        if let Err(err) = inner.reload_view().await {
-            let _ = inner.registry.unregister(&inner.ns, &record.id).await;
-            return Err(err);
-        }
-        let record = {
-            let mut st = inner.lock();
-            st.me.status = NodeStatus::Working;
-            st.record()
-        };
-        if !inner
-            .call(
-                "update node",
-                inner.registry.update_node(&inner.ns, &record),
-            )
-            .await?
-        {
-            inner
-                .call(
-                    "register",
-                    inner.registry.register(&inner.ns, &record, inner.ttl),
-                )
-                .await?;
-        }
+        let record = inner.lock().record();
         inner.apply(WatchEvent::NodePut(record));
         inner.engine.resume();
         inner.reconcile().await;
@@ -497,6 +477,8 @@ impl Dcron {
             let mut st = inner.lock();
             st.me.status = NodeStatus::Starting;
             st.view.nodes.remove(&record.id);
+            // Not watched any more: re-read before trusting it again.
+            st.tombstones_known = false;
         }
         tracing::info!(node = %record.id, "node stopped");
         unregistered
@@ -833,6 +815,33 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// After registering: starts the watch, loads the cluster state and
+    /// turns `working`.
+    async fn join(&self) -> Result<Option<WatchReceiver>> {
+        let watch = match self.call("watch", self.registry.watch(&self.ns)).await {
+            Ok(rx) => Some(rx),
+            Err(err) => {
+                tracing::warn!(%err, "watch unavailable at start; relying on reloads until it comes back");
+                None
+            }
+        };
+        self.reload_view().await?;
+        let record = {
+            let mut st = self.lock();
+            st.me.status = NodeStatus::Working;
+            st.record()
+        };
+        let updated = self.call("update node", self.registry.update_node(&self.ns, &record));
+        if !updated.await? {
+            self.call(
+                "register",
+                self.registry.register(&self.ns, &record, self.ttl),
+            )
+            .await?;
+        }
+        Ok(watch)
     }
 
     /// Re-registers after the registry lost this node.

@@ -467,7 +467,8 @@ impl std::fmt::Debug for RedisRegistry {
 
 enum Target {
     Url(String),
-    Client(Client, Option<ConnectionManager>),
+    // Boxed: a client with TLS enabled is large.
+    Client(Box<Client>, Option<ConnectionManager>),
 }
 
 /// Options for [`RedisRegistry`]; start with [`RedisRegistry::builder`] or
@@ -556,7 +557,7 @@ impl RedisRegistryBuilder {
         }
         let (client, manager) = match self.target {
             Target::Url(url) => (open_client(&url)?, None),
-            Target::Client(client, manager) => (client, manager),
+            Target::Client(client, manager) => (*client, manager),
         };
         let addr = describe(&client);
         let db = client.get_connection_info().redis_settings().db();
@@ -708,7 +709,7 @@ impl RedisRegistry {
     /// Options for a registry on an existing client (its connection info,
     /// TLS settings and credentials are used as they are).
     pub fn builder_from_client(client: Client) -> RedisRegistryBuilder {
-        RedisRegistryBuilder::new(Target::Client(client, None))
+        RedisRegistryBuilder::new(Target::Client(Box::new(client), None))
     }
 
     /// A registry on an existing client, with the default bounds.
