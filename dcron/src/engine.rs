@@ -111,6 +111,8 @@ struct State {
     index: FxHashMap<Name, u32>,
     /// Due time (epoch ms) → fires due then.
     queue: BTreeMap<i64, Vec<Fire>>,
+    /// The buffer of the last batch, reused for the next new bucket.
+    spare: Vec<Fire>,
     generation: u64,
     stopped: bool,
 }
@@ -171,6 +173,8 @@ struct Fire {
 
 /// Longest pause between claim retries after registry errors.
 const MAX_RETRY_PAUSE_MS: i64 = 5_000;
+/// Fires handled per step of a batch (claims per registry call at most).
+const CHUNK: usize = 2048;
 /// Longest claim lead: claims are never taken further ahead than this.
 const MAX_LEAD_MS: i64 = 200;
 
@@ -347,105 +351,127 @@ impl Engine {
         (ms + 1).min(MAX_LEAD_MS)
     }
 
-    async fn fire_batch(self: &Arc<Self>, batch: Vec<Fire>, now: i64) {
-        // Under the lock: reschedule, skip overlaps, take what to claim.
-        let mut ready = Vec::with_capacity(batch.len());
-        {
-            let mut st = self.lock();
-            let mut next_cache: FxHashMap<(usize, i64), Option<i64>> = FxHashMap::default();
-            for fire in batch {
-                let Some(entry) = st.live(fire) else { continue };
-                let runnable = entry.runnable.clone();
-                if fire.regular {
-                    let schedule = &entry.schedule;
-                    let key = (Arc::as_ptr(schedule) as *const () as usize, fire.fire_time);
-                    let next = *next_cache
-                        .entry(key)
-                        .or_insert_with(|| schedule.next_after(fire.fire_time.max(now - 1)));
-                    if let Some(next) = next {
-                        st.push(
-                            next,
-                            Fire {
-                                fire_time: next,
-                                attempt: 0,
-                                ..fire
-                            },
-                        );
-                    }
-                }
-                if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0
-                {
-                    tracing::debug!(task = %runnable.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
-                    continue;
-                }
-                ready.push((
-                    fire,
-                    Ready {
-                        fire_time: fire.fire_time,
-                        runnable,
-                    },
-                ));
-            }
-        }
-        ready.sort_by_key(|(fire, _)| fire.fire_time);
-        self.claim_and_run(ready, now).await;
-    }
-
-    /// Claims each fire time's fires in one registry call and runs the won
-    /// ones at their fire time. Claiming ahead (by the claim lead) keeps
-    /// registry latency out of the runs' start times; the price is that a
-    /// node crashing inside that window loses the fires it claimed.
-    async fn claim_and_run(self: &Arc<Self>, fires: Vec<(Fire, Ready)>, now: i64) {
+    /// Claims the fires of `batch` (in chunks, one registry call per fire
+    /// time and chunk) and runs the won ones at their fire time. Claiming
+    /// ahead (by the claim lead) keeps registry latency out of the runs'
+    /// start times; the price is that a node crashing inside that window
+    /// loses the fires it claimed. Chunks keep every buffer small, so a
+    /// large batch each second doesn't fragment the heap.
+    async fn fire_batch(self: &Arc<Self>, mut batch: Vec<Fire>, now: i64) {
         // Counts as a run in flight so `stop` waits for claimed fires.
         let _busy = Busy::new(self.clone());
-        let mut rest = fires.as_slice();
-        while let Some((first, _)) = rest.first() {
-            let fire_time = first.fire_time;
-            let n = rest
-                .iter()
-                .take_while(|(f, _)| f.fire_time == fire_time)
-                .count();
-            let (group, tail) = rest.split_at(n);
-            rest = tail;
-            let claim = Claim {
-                fire_time,
-                node: self.cfg.node_id.clone(),
-                claimed_at: now,
-            };
-            let names: Vec<&str> = group
-                .iter()
-                .map(|(_, r)| r.runnable.meta.name.as_str())
-                .collect();
-            let started = std::time::Instant::now();
-            let won = match self
-                .cfg
-                .registry
-                .claim_many(&self.cfg.ns, &names, &claim)
-                .await
-            {
-                Ok(won) if won.len() == group.len() => won,
-                Ok(won) => {
-                    tracing::error!(
-                        expected = group.len(),
-                        got = won.len(),
-                        "registry answered a claim batch with the wrong length; fires skipped"
-                    );
-                    continue;
+        batch.sort_by_key(|f| f.fire_time);
+        let mut won: Vec<Vec<Ready>> = Vec::new();
+        for chunk in batch.chunks(CHUNK) {
+            let ready = self.take_chunk(chunk, now);
+            let mut rest = ready.as_slice();
+            while let Some((first, _)) = rest.first() {
+                let n = rest
+                    .iter()
+                    .take_while(|(f, _)| f.fire_time == first.fire_time)
+                    .count();
+                let (group, tail) = rest.split_at(n);
+                rest = tail;
+                if let Some(winners) = self.claim(group, now).await {
+                    won.push(winners);
                 }
-                Err(err) => {
-                    self.retry_later(group.iter().map(|(f, _)| *f), &err);
-                    continue;
-                }
-            };
-            self.learn_claim_cost(started.elapsed(), names.len());
-            let early = fire_time - self.cfg.clock.now_ms();
+            }
+        }
+        batch.clear();
+        self.lock().spare = batch;
+        for ready in won.iter().flatten() {
+            let early = ready.fire_time - self.cfg.clock.now_ms();
             if early > 0 {
                 tokio::time::sleep(Duration::from_millis(early as u64)).await;
             }
-            for ((_, ready), won) in group.iter().zip(won) {
-                if won {
-                    self.dispatch(ready);
+            self.dispatch(ready);
+        }
+    }
+
+    /// Under the lock: schedules the next fire of each regular fire of
+    /// `chunk`, drops stale and overlapping ones, and returns what to claim.
+    fn take_chunk(&self, chunk: &[Fire], now: i64) -> Vec<(Fire, Ready)> {
+        let mut ready = Vec::with_capacity(chunk.len());
+        let mut st = self.lock();
+        let mut next_cache: FxHashMap<(usize, i64), Option<i64>> = FxHashMap::default();
+        for &fire in chunk {
+            let Some(entry) = st.live(fire) else { continue };
+            let runnable = entry.runnable.clone();
+            if fire.regular {
+                let schedule = &entry.schedule;
+                let key = (Arc::as_ptr(schedule) as *const () as usize, fire.fire_time);
+                let next = *next_cache
+                    .entry(key)
+                    .or_insert_with(|| schedule.next_after(fire.fire_time.max(now - 1)));
+                if let Some(next) = next {
+                    let next_fire = Fire {
+                        fire_time: next,
+                        attempt: 0,
+                        ..fire
+                    };
+                    st.push_next(next, next_fire);
                 }
+            }
+            if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
+                tracing::debug!(task = %runnable.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
+                continue;
+            }
+            ready.push((
+                fire,
+                Ready {
+                    fire_time: fire.fire_time,
+                    runnable,
+                },
+            ));
+        }
+        ready
+    }
+
+    /// Claims one fire time's fires in one registry call; returns the won
+    /// ones, or `None` after scheduling a retry on a registry error.
+    async fn claim(&self, group: &[(Fire, Ready)], now: i64) -> Option<Vec<Ready>> {
+        let fire_time = group.first()?.0.fire_time;
+        let claim = Claim {
+            fire_time,
+            node: self.cfg.node_id.clone(),
+            claimed_at: now,
+        };
+        let names: Vec<&str> = group
+            .iter()
+            .map(|(_, r)| r.runnable.meta.name.as_str())
+            .collect();
+        let started = std::time::Instant::now();
+        match self
+            .cfg
+            .registry
+            .claim_many(&self.cfg.ns, &names, &claim)
+            .await
+        {
+            Ok(won) if won.len() == group.len() => {
+                self.learn_claim_cost(started.elapsed(), names.len());
+                Some(
+                    group
+                        .iter()
+                        .zip(won)
+                        .filter(|(_, won)| *won)
+                        .map(|((_, r), _)| Ready {
+                            fire_time,
+                            runnable: r.runnable.clone(),
+                        })
+                        .collect(),
+                )
+            }
+            Ok(won) => {
+                tracing::error!(
+                    expected = group.len(),
+                    got = won.len(),
+                    "registry answered a claim batch with the wrong length; fires skipped"
+                );
+                None
+            }
+            Err(err) => {
+                self.retry_later(group.iter().map(|(f, _)| *f), &err);
+                None
             }
         }
     }
@@ -706,6 +732,17 @@ impl State {
 
     fn push(&mut self, due: i64, fire: Fire) {
         self.queue.entry(due).or_default().push(fire);
+    }
+
+    /// Pushes the next fire of a batch's fire: the first new bucket a batch
+    /// creates reuses the previous batch's buffer, so a large batch moving
+    /// on to its next fire time allocates nothing.
+    fn push_next(&mut self, due: i64, fire: Fire) {
+        let spare = &mut self.spare;
+        self.queue
+            .entry(due)
+            .or_insert_with(|| std::mem::take(spare))
+            .push(fire);
     }
 
     fn insert(&mut self, job: Job, next: Option<i64>) {
