@@ -127,6 +127,9 @@ struct Entry {
 struct Runnable {
     meta: Arc<TaskMeta>,
     body: Arc<dyn Task>,
+    /// `meta` has one-shot or after-run flags (kept here so the common
+    /// path reads one cache line less).
+    flagged: bool,
     /// Runs of this task in flight on this node (for the overlap policy).
     running: AtomicUsize,
 }
@@ -379,10 +382,15 @@ impl Engine {
         }
         batch.clear();
         self.lock().spare = batch;
+        let mut reached = i64::MIN;
         for ready in won.iter().flatten() {
-            let early = ready.fire_time - self.cfg.clock.now_ms();
-            if early > 0 {
-                tokio::time::sleep(Duration::from_millis(early as u64)).await;
+            // Fires are sorted: wait once per fire time, not per fire.
+            if ready.fire_time > reached {
+                let early = ready.fire_time - self.cfg.clock.now_ms();
+                if early > 0 {
+                    tokio::time::sleep(Duration::from_millis(early as u64)).await;
+                }
+                reached = ready.fire_time;
             }
             self.dispatch(ready);
         }
@@ -527,7 +535,7 @@ impl Engine {
     fn dispatch(self: &Arc<Self>, ready: &Ready) {
         let r = &ready.runnable;
         let meta = &r.meta;
-        if meta.one_shot || meta.executed_and_cleanup || meta.executed_and_mark_deleted {
+        if r.flagged {
             let guard = self.count_run(r.clone());
             let fire_time = ready.fire_time;
             tokio::spawn(async move {
@@ -748,7 +756,11 @@ impl State {
     fn insert(&mut self, job: Job, next: Option<i64>) {
         self.generation += 1;
         let name = Name(job.meta.clone());
+        let flagged = job.meta.one_shot
+            || job.meta.executed_and_cleanup
+            || job.meta.executed_and_mark_deleted;
         let runnable = Arc::new(Runnable {
+            flagged,
             meta: job.meta,
             body: job.body,
             running: AtomicUsize::new(0),
