@@ -823,17 +823,8 @@ async fn nodes_fire_once_through_a_leader_kill() {
     for n in &nodes {
         n.stop().await.expect("stop");
     }
-    ledger.assert_no_duplicates();
-    for t in &tasks {
-        ledger.assert_contiguous(t, from, to);
-    }
-    let late = ledger
-        .runs()
-        .into_iter()
-        .filter(|r| r.fire_time >= killed_at - 1000)
-        .map(|r| r.started_ms - r.fire_time)
-        .max()
-        .unwrap_or(0);
+    ledger.assert_exactly_once(&tasks, from, to);
+    let late = ledger.max_lateness_since(killed_at - 1000);
     eprintln!("leader kill under three nodes: every fire ran once; latest start {late} ms after its fire time");
 }
 

@@ -96,6 +96,25 @@ impl Ledger {
             .collect()
     }
 
+    /// Fails unless every task of `tasks` ran exactly once per second
+    /// between `from` and `to`, and nothing ran twice (every-second tasks).
+    pub fn assert_exactly_once(&self, tasks: &[String], from: i64, to: i64) {
+        self.assert_no_duplicates();
+        for t in tasks {
+            self.assert_contiguous(t, from, to);
+        }
+    }
+
+    /// The longest delay from fire time to start among fires at or after `since`.
+    pub fn max_lateness_since(&self, since: i64) -> i64 {
+        self.runs()
+            .into_iter()
+            .filter(|r| r.fire_time >= since)
+            .map(|r| r.started_ms - r.fire_time)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Fails if `task` skipped a whole second between `from` and `to`
     /// (for every-second schedules).
     pub fn assert_contiguous(&self, task: &str, from: i64, to: i64) {
@@ -240,10 +259,7 @@ pub async fn every_fire_runs_once_on_three_nodes(h: &impl Harness) {
     for n in &nodes {
         n.stop().await.expect("stop");
     }
-    ledger.assert_no_duplicates();
-    for t in &tasks {
-        ledger.assert_contiguous(t, from, to);
-    }
+    ledger.assert_exactly_once(&tasks, from, to);
     let by_node: BTreeSet<String> = ledger.runs().into_iter().map(|r| r.node).collect();
     assert_eq!(by_node.len(), 3, "work should spread over the three nodes");
 }
@@ -481,9 +497,8 @@ pub async fn dynamic_task_runs_on_its_owner(h: &impl Harness) {
     for n in &nodes {
         n.stop().await.expect("stop");
     }
-    ledger.assert_no_duplicates();
+    ledger.assert_exactly_once(&dynamic, from, to);
     for t in &dynamic {
-        ledger.assert_contiguous(t, from, to);
         for run in ledger
             .runs()
             .iter()
