@@ -98,8 +98,7 @@ impl Node {
 
     /// Whether this node defines the static task `name`.
     pub fn defines(&self, name: &str) -> bool {
-        self.static_tasks
-            .binary_search_by(|n| n.as_str().cmp(name))
-            .is_ok()
+        // Linear: records written by other programs may not be sorted.
+        self.static_tasks.iter().any(|n| n == name)
     }
 }

@@ -227,4 +227,57 @@ mod tests {
             .insert("d".into(), Arc::new(TaskMeta::new("d", "* * * * *")));
         assert!(assign(&view, None, &Strategy::Consistent).is_empty());
     }
+
+    proptest::proptest! {
+        /// Every node computes the same owners: a node using its own
+        /// static task list gets what the others get from its published
+        /// record; owners are working nodes that may run the task; every
+        /// live task with an eligible node has exactly one owner.
+        #[test]
+        fn every_node_computes_the_same_owners(
+            specs in proptest::collection::vec((0u8..3, proptest::bool::ANY, proptest::collection::btree_set(0u8..12, 0..8)), 0..6),
+            dynamic in proptest::collection::btree_set(0u8..12, 0..8),
+            dead in proptest::collection::btree_set(0u8..12, 0..4),
+            strategy in proptest::sample::select(Strategy::ALL.to_vec()),
+        ) {
+            let mut view = View::default();
+            for (i, (status, handler, statics)) in specs.iter().enumerate() {
+                let status = [NodeStatus::Starting, NodeStatus::Working, NodeStatus::Leaving][*status as usize];
+                let names: Vec<String> = statics.iter().map(|t| format!("t{t}")).collect();
+                let mut n = node(&format!("n{i}"), status, &[]);
+                n.static_tasks = names;
+                n.dynamic_tasks = *handler;
+                view.nodes.insert(n.id.clone(), n);
+            }
+            for t in &dynamic {
+                let name = format!("t{t}");
+                view.tasks.insert(name.clone(), Arc::new(TaskMeta::new(name, "* * * * *")));
+            }
+            view.tombstones = dead.iter().map(|t| format!("t{t}")).collect();
+            let global: BTreeMap<&str, &str> = assign(&view, None, &strategy).into_iter().collect();
+            for n in view.nodes.values() {
+                let local: Vec<&str> = n.static_tasks.iter().map(String::as_str).collect();
+                let mine: BTreeMap<&str, &str> = assign(&view, Some((n.id.as_str(), local)), &strategy).into_iter().collect();
+                proptest::prop_assert_eq!(&mine, &global);
+            }
+            for (task, owner) in &global {
+                let o = &view.nodes[*owner];
+                proptest::prop_assert_eq!(o.status, NodeStatus::Working);
+                proptest::prop_assert!(!view.tombstones.contains(*task));
+                let is_static = view.nodes.values().any(|n| n.status == NodeStatus::Working && n.defines(task));
+                if is_static {
+                    proptest::prop_assert!(o.defines(task));
+                } else {
+                    proptest::prop_assert!(o.dynamic_tasks && view.tasks.contains_key(*task));
+                }
+            }
+            for t in 0u8..12 {
+                let name = format!("t{t}");
+                let eligible = !view.tombstones.contains(&name) && view.nodes.values().any(|n| {
+                    n.status == NodeStatus::Working && (n.defines(&name) || (n.dynamic_tasks && view.tasks.contains_key(&name)))
+                });
+                proptest::prop_assert_eq!(global.contains_key(name.as_str()), eligible, "{}", name);
+            }
+        }
+    }
 }

@@ -337,3 +337,101 @@ async fn namespaces_run_independently() {
         n.stop().await.expect("stop");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_publishes_leaving_then_drains_running_tasks() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("drain");
+    let observer = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .node_id("observer")
+        .build()
+        .expect("observer");
+    observer.start().await.expect("start observer");
+    let mut events = observer.subscribe();
+    let started = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let node = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .node_id("worker")
+        .drain_timeout(Duration::from_secs(10))
+        .build()
+        .expect("node");
+    let (s, f) = (started.clone(), finished.clone());
+    node.add_func("slow", "* * * * * *", move |_| {
+        let (s, f) = (s.clone(), f.clone());
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .await
+    .expect("add");
+    node.start().await.expect("start");
+    eventually(Duration::from_secs(5), "a run to start", || async {
+        started.load(Ordering::SeqCst) > finished.load(Ordering::SeqCst)
+    })
+    .await;
+    node.stop().await.expect("stop");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+        "stop returned while a run was still going"
+    );
+    // The observer saw `leaving` before the node went away.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !seen.contains(&"delete") {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("events in time")
+            .expect("event");
+        match ev {
+            dcron::Event::Node(dcron::NodeEvent::Changed(n)) if n.id == "worker" => {
+                if n.status == dcron::NodeStatus::Leaving {
+                    seen.push("leaving");
+                }
+            }
+            dcron::Event::Node(dcron::NodeEvent::Delete(id)) if id == "worker" => {
+                seen.push("delete")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["leaving", "delete"]);
+    observer.stop().await.expect("stop observer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reads_never_revive_a_tombstoned_task() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("no-revive");
+    let ledger = Ledger::default();
+    let node = cluster::recording(Arc::new(registry.clone()), &ns, "n1", &ledger)
+        .reload_interval(Duration::from_millis(200))
+        .build()
+        .expect("node");
+    node.add_task_meta(TaskMeta::new("victim", "* * * * * *"))
+        .await
+        .expect("add");
+    node.start().await.expect("start");
+    ran(&ledger, "victim").await;
+    node.mark_task_deleted("victim").await.expect("delete");
+    let deleted_at = now_ms();
+    // Every registry call fails for a while: reloads, heartbeats, claims.
+    registry.fail_next_calls(1_000);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    registry.fail_next_calls(0);
+    assert!(
+        node.my_running_tasks().is_empty(),
+        "a failed reload revived the task"
+    );
+    node.stop().await.expect("stop");
+    assert!(
+        ledger.fires("victim").iter().all(|t| *t <= deleted_at),
+        "tombstoned task ran: {:?}",
+        ledger.fires("victim")
+    );
+}
