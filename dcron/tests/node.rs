@@ -389,10 +389,10 @@ async fn stop_publishes_leaving_then_drains_running_tasks() {
             .expect("events in time")
             .expect("event");
         match ev {
-            dcron::Event::Node(dcron::NodeEvent::Changed(n)) if n.id == "worker" => {
-                if n.status == dcron::NodeStatus::Leaving {
-                    seen.push("leaving");
-                }
+            dcron::Event::Node(dcron::NodeEvent::Changed(n))
+                if n.id == "worker" && n.status == dcron::NodeStatus::Leaving =>
+            {
+                seen.push("leaving")
             }
             dcron::Event::Node(dcron::NodeEvent::Delete(id)) if id == "worker" => {
                 seen.push("delete")
