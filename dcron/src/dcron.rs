@@ -655,10 +655,21 @@ impl Inner {
                 .nodes
                 .remove(&id)
                 .map(|_| Event::Node(NodeEvent::Delete(id))),
+            // An unchanged definition (every reload repeats them all) keeps
+            // its shared copy, so the engine sees the very same task.
+            WatchEvent::TaskPut(meta)
+                if st
+                    .view
+                    .tasks
+                    .get(&meta.name)
+                    .is_some_and(|old| **old == meta) =>
+            {
+                None
+            }
             WatchEvent::TaskPut(meta) => {
                 let meta = Arc::new(meta);
-                let old = st.view.tasks.insert(meta.name.clone(), meta.clone());
-                (old.as_deref() != Some(&*meta)).then_some(Event::Task(TaskEvent::Put(meta)))
+                st.view.tasks.insert(meta.name.clone(), meta.clone());
+                Some(Event::Task(TaskEvent::Put(meta)))
             }
             WatchEvent::TaskDelete(name) => st
                 .view
