@@ -743,24 +743,8 @@ async fn three_nodes(
         n.start().await.expect("start");
         nodes.push(n);
     }
-    settle(&nodes, tasks).await;
+    cluster::settled(&nodes, tasks).await;
     nodes
-}
-
-/// Waits until the owned sets of `nodes` partition `tasks`.
-async fn settle(nodes: &[Dcron], tasks: &[String]) {
-    let want: std::collections::BTreeSet<String> = tasks.iter().cloned().collect();
-    conformance::eventually(Duration::from_secs(30), "ownership to settle", || async {
-        let mut all = std::collections::BTreeSet::new();
-        let mut total = 0;
-        for n in nodes {
-            let owned = n.my_running_tasks();
-            total += owned.len();
-            all.extend(owned);
-        }
-        all == want && total == want.len()
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -850,7 +834,7 @@ async fn takeover_time() {
         n.start().await.expect("start");
         nodes.push(n);
     }
-    settle(&nodes, &tasks).await;
+    cluster::settled(&nodes, &tasks).await;
     let orphaned = nodes[1].my_running_tasks();
     assert!(!orphaned.is_empty());
     // Once they have run (a task that never ran has nothing to catch up).
@@ -862,7 +846,7 @@ async fn takeover_time() {
     .await;
     let crashed = Instant::now();
     nodes[1].kill().await;
-    settle(&nodes[..1], &tasks).await;
+    cluster::settled(&nodes[..1], &tasks).await;
     let took = crashed.elapsed();
     let crashed_ms = cluster::now_ms() - took.as_millis() as i64;
     // The first run of an orphaned task on the survivor: the catch-up of

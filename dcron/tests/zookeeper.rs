@@ -770,24 +770,8 @@ async fn three_nodes(h: &Zk, ns: &str, tasks: &[String], ledger: &cluster::Ledge
         n.start().await.expect("start");
         nodes.push(n);
     }
-    settle(&nodes, tasks).await;
+    cluster::settled(&nodes, tasks).await;
     nodes
-}
-
-/// Waits until the owned sets of `nodes` partition `tasks`.
-async fn settle(nodes: &[Dcron], tasks: &[String]) {
-    let want: BTreeSet<String> = tasks.iter().cloned().collect();
-    conformance::eventually(Duration::from_secs(30), "ownership to settle", || async {
-        let mut all = BTreeSet::new();
-        let mut total = 0;
-        for n in nodes {
-            let owned = n.my_running_tasks();
-            total += owned.len();
-            all.extend(owned);
-        }
-        all == want && total == want.len()
-    })
-    .await;
 }
 
 async fn working_ids(node: &Dcron) -> BTreeSet<String> {
@@ -880,7 +864,7 @@ async fn node_whose_session_is_lost_comes_back() {
         || async { owner(&raw).await.is_some_and(|o| o != before) },
     )
     .await;
-    settle(&nodes, &tasks).await;
+    cluster::settled(&nodes, &tasks).await;
     assert_eq!(working_ids(&nodes[0]).await.len(), 3);
     assert!(
         !nodes[2].my_running_tasks().is_empty(),
@@ -1035,14 +1019,14 @@ async fn takeover_time_nodes() {
         n.start().await.expect("start");
         nodes.push(n);
     }
-    settle(&nodes, &tasks).await;
+    cluster::settled(&nodes, &tasks).await;
     let orphaned = nodes[1].my_running_tasks();
     assert!(!orphaned.is_empty());
     let crashed = Instant::now();
     nodes[1].kill().await;
     let any = h.registry_dyn().await;
     conformance::Harness::crash(&h, &any, &ns, "node-b").await;
-    settle(&nodes[..1], &tasks).await;
+    cluster::settled(&nodes[..1], &tasks).await;
     let took = crashed.elapsed();
     let t = &orphaned[0];
     let caught_up = ledger

@@ -232,9 +232,9 @@ async fn until(t: i64) {
 }
 
 /// Ownership is settled when the nodes' owned sets partition `tasks`.
-async fn settled(nodes: &[Dcron], tasks: &[String]) {
+pub async fn settled(nodes: &[Dcron], tasks: &[String]) {
     let want: BTreeSet<String> = tasks.iter().cloned().collect();
-    eventually(Duration::from_secs(20), "ownership to settle", || async {
+    eventually(Duration::from_secs(30), "ownership to settle", || async {
         let mut all = BTreeSet::new();
         let mut total = 0;
         for n in nodes {
