@@ -43,3 +43,13 @@ impl Clock for TokioClock {
         self.start_ms.saturating_add(elapsed)
     }
 }
+
+/// Formats epoch milliseconds as RFC 3339 UTC with milliseconds, for logs
+/// and messages (`2026-12-01T22:45:00.000Z`); out-of-range values print as
+/// the raw number.
+pub fn rfc3339(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => ms.to_string(),
+    }
+}

@@ -82,6 +82,20 @@ pub enum Error {
         /// The panic message, if it was a string.
         message: String,
     },
+    /// A fire time of a task this node owned did not run (see
+    /// [`MissReason`]). Late fires are not missed: they run late.
+    #[error("task `{task}` missed its fire at {} ({fire_time}): {reason}", crate::clock::rfc3339(*.fire_time))]
+    FireMissed {
+        /// The task's name.
+        task: String,
+        /// The scheduled fire time that did not run, epoch ms.
+        fire_time: i64,
+        /// Why it did not run.
+        reason: MissReason,
+    },
+    /// Another live process registered the same node id.
+    #[error("node id `{0}` is in use by another live node; give each process its own node id, or wait for the other one to stop or expire")]
+    NodeIdInUse(String),
     /// A bounded wait ran out.
     #[error("timed out after {after:?} while {what}; check that the registry is reachable")]
     Timeout {
@@ -113,6 +127,35 @@ impl Error {
             context: context.into(),
             source: None,
         }
+    }
+}
+
+/// Why a fire did not run ([`Error::FireMissed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissReason {
+    /// The claim could not be taken before the fire left the catch-up
+    /// window (the registry was unreachable or too slow for that long).
+    ClaimFailed,
+    /// [`Overlap::Skip`](crate::Overlap::Skip): the previous run of the task
+    /// was still running on this node when the fire came due.
+    Overlap,
+    /// The node itself did not run for longer than the catch-up window
+    /// (process paused, clock jump); the fires in between were skipped.
+    NodeStalled,
+}
+
+impl std::fmt::Display for MissReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MissReason::ClaimFailed => {
+                "the registry did not take the claim within the catch-up window"
+            }
+            MissReason::Overlap => "the previous run was still running (overlap = skip)",
+            MissReason::NodeStalled => {
+                "the node was stalled for longer than the catch-up window"
+            }
+        })
     }
 }
 

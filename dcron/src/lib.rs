@@ -61,7 +61,7 @@ mod view;
 pub use builder::{Builder, DEFAULT_NAMESPACE};
 pub use dcron::{shutdown_signal, Dcron};
 pub use engine::{CatchUp, ErrorHandler, Overlap};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, MissReason, Result};
 pub use events::{Event, NodeEvent, TaskEvent};
 pub use node::{Node, NodeStatus};
 pub use registry::{MemoryRegistry, Registry};

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec;
-use super::{Claim, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use super::{Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::task::TaskMeta;
@@ -68,8 +68,8 @@ struct Space {
     tasks: BTreeMap<String, Vec<u8>>,
     tombstones: BTreeMap<String, Vec<u8>>,
     claims: FxHashMap<String, ClaimSlot>,
-    /// Claiming node ids, interned so a claim copies no string.
-    claimers: Vec<Arc<str>>,
+    /// Claimers (node id, token), interned so a claim copies no string.
+    claimers: Vec<(Arc<str>, Arc<str>)>,
     watchers: Vec<Watcher>,
 }
 
@@ -250,17 +250,31 @@ impl State {
 }
 
 impl Space {
-    fn claimer(&mut self, node: &str) -> u32 {
-        match self.claimers.iter().position(|n| &**n == node) {
+    fn claimer(&mut self, claim: &Claim) -> u32 {
+        let found = self
+            .claimers
+            .iter()
+            .position(|(n, t)| **n == *claim.node && **t == *claim.token);
+        match found {
             Some(i) => i as u32,
             None => {
-                self.claimers.push(node.into());
+                self.claimers
+                    .push((claim.node.as_str().into(), claim.token.as_str().into()));
                 (self.claimers.len() - 1) as u32
             }
         }
     }
 
+    /// Whether claimer `node` has a token (claims without one are never
+    /// found to be "ours").
+    fn has_token(&self, node: u32) -> bool {
+        self.claimers
+            .get(node as usize)
+            .is_some_and(|(_, t)| !t.is_empty())
+    }
+
     fn try_claim(&mut self, task: &str, fire_time: i64, node: u32, claimed_at: i64) -> bool {
+        let tokened = self.has_token(node);
         let new = || ClaimSlot::Valid {
             fire_time,
             node,
@@ -269,7 +283,16 @@ impl Space {
         match self.claims.get_mut(task) {
             Some(slot) => {
                 let older = match slot {
-                    ClaimSlot::Valid { fire_time: f, .. } => *f < fire_time,
+                    ClaimSlot::Valid {
+                        fire_time: f,
+                        node: n,
+                        ..
+                    } => {
+                        if *f == fire_time && *n == node && tokened {
+                            return true; // ours already: a retry after a lost answer
+                        }
+                        *f < fire_time
+                    }
                     ClaimSlot::Corrupt(_) => true,
                 };
                 if older {
@@ -444,19 +467,28 @@ impl Registry for MemoryRegistry {
         self.shared.fault()?;
         let mut state = self.shared.lock();
         let space = state.space(ns);
-        let node = space.claimer(&claim.node);
+        let node = space.claimer(claim);
         Ok(space.try_claim(task, claim.fire_time, node, claim.claimed_at))
     }
 
-    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
-        self.shared.fault()?;
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
+        if let Err(err) = self.shared.fault() {
+            return ClaimOutcome::fail_all(tasks.len(), err);
+        }
         let mut state = self.shared.lock();
         let space = state.space(ns);
-        let node = space.claimer(&claim.node);
-        Ok(tasks
+        let node = space.claimer(claim);
+        tasks
             .iter()
-            .map(|task| space.try_claim(task, claim.fire_time, node, claim.claimed_at))
-            .collect())
+            .map(|task| {
+                ClaimOutcome::from_result(Ok(space.try_claim(
+                    task,
+                    claim.fire_time,
+                    node,
+                    claim.claimed_at,
+                )))
+            })
+            .collect()
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
@@ -474,13 +506,17 @@ impl Registry for MemoryRegistry {
                     claimed_at,
                 } => Some((
                     name.clone(),
-                    Claim {
-                        fire_time: *fire_time,
-                        node: claimers
+                    {
+                        let (n, t) = claimers
                             .get(*node as usize)
-                            .map(|n| n.to_string())
-                            .unwrap_or_default(),
-                        claimed_at: *claimed_at,
+                            .map(|(n, t)| (n.to_string(), t.to_string()))
+                            .unwrap_or_default();
+                        Claim {
+                            fire_time: *fire_time,
+                            node: n,
+                            claimed_at: *claimed_at,
+                            token: t,
+                        }
                     },
                 )),
                 ClaimSlot::Corrupt(raw) => {

@@ -20,8 +20,10 @@ use crate::node::Node;
 use crate::task::TaskMeta;
 
 pub mod codec;
+mod fault;
 mod memory;
 
+pub use fault::FaultRegistry;
 pub use memory::{MemoryRegistry, RawKind};
 
 /// A per-task watermark: the latest fire time claimed, by whom, and when.
@@ -35,6 +37,86 @@ pub struct Claim {
     pub node: String,
     /// Claimer's wall clock at claim time, epoch ms (informational only).
     pub claimed_at: i64,
+    /// Who claimed it: the node id plus the incarnation chosen at the
+    /// node's start. Re-claiming the same fire time with the same token
+    /// answers won, so a lost answer can never turn a won claim into a
+    /// loss. Empty in watermarks written by older versions (never ours).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+}
+
+impl Claim {
+    /// A claim of `fire_time` by `node` under `token`, taken at `claimed_at`.
+    pub fn new(fire_time: i64, node: &str, token: &str, claimed_at: i64) -> Claim {
+        Claim {
+            fire_time,
+            node: node.to_string(),
+            claimed_at,
+            token: token.to_string(),
+        }
+    }
+
+    /// Whether `stored` is this very claim, already taken: the same fire
+    /// time under the same (non-empty) token.
+    pub fn is_same(&self, stored: &Claim) -> bool {
+        !self.token.is_empty() && stored.fire_time == self.fire_time && stored.token == self.token
+    }
+
+    /// What storing this claim over the watermark `stored` answers:
+    /// `Some(true)` write it (won), `None` already ours (won, write
+    /// nothing), `Some(false)` lost. A corrupt watermark is `stored == None`
+    /// as is an absent one.
+    pub fn against(&self, stored: Option<&Claim>) -> Option<bool> {
+        match stored {
+            None => Some(true),
+            Some(s) if self.is_same(s) => None,
+            Some(s) => Some(s.fire_time < self.fire_time),
+        }
+    }
+}
+
+/// The answer to one claim of a batch.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    /// The fire time is ours to run (taken now, or found taken by us).
+    Won,
+    /// A claim for this or a later fire time by someone else exists.
+    Lost,
+    /// The registry did not answer for this claim; it may or may not have
+    /// been stored. Retrying with the same token is safe.
+    Failed(crate::Error),
+}
+
+impl ClaimOutcome {
+    /// `Won` for `true`, `Lost` for `false`, `Failed` for an error.
+    pub fn from_result(r: Result<bool>) -> ClaimOutcome {
+        match r {
+            Ok(true) => ClaimOutcome::Won,
+            Ok(false) => ClaimOutcome::Lost,
+            Err(err) => ClaimOutcome::Failed(err),
+        }
+    }
+
+    /// Whether the claim was won.
+    pub fn is_won(&self) -> bool {
+        matches!(self, ClaimOutcome::Won)
+    }
+
+    /// `n` failed outcomes for one error (a batch that got no answer).
+    pub fn fail_all(n: usize, err: crate::Error) -> Vec<ClaimOutcome> {
+        let backend = match &err {
+            crate::Error::Registry { backend, .. } => *backend,
+            _ => "registry",
+        };
+        let message = err.to_string();
+        let mut out: Vec<ClaimOutcome> = (1..n)
+            .map(|_| ClaimOutcome::Failed(crate::Error::registry_msg(backend, message.clone())))
+            .collect();
+        if n > 0 {
+            out.push(ClaimOutcome::Failed(err));
+        }
+        out
+    }
 }
 
 /// A change seen in the registry, carrying the new value where there is one.
@@ -145,20 +227,25 @@ pub trait Registry: Send + Sync + 'static {
     /// value, so corrupt data can never revive a deleted task.
     async fn tombstones(&self, ns: &str) -> Result<Vec<String>>;
 
-    /// Claims fire time `claim.fire_time` of `task`: atomically stores
-    /// `claim` if the stored watermark is older (or absent, or corrupt) and
-    /// returns `true`; returns `false` and changes nothing otherwise.
+    /// Claims fire time `claim.fire_time` of `task`, atomically: stores
+    /// `claim` and answers `true` if the stored watermark is older (or
+    /// absent, or corrupt); answers `true` and changes nothing if the stored
+    /// watermark is this very claim ([`Claim::is_same`]: same fire time and
+    /// token, taken by an earlier call whose answer was lost); answers
+    /// `false` and changes nothing otherwise.
     async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool>;
 
-    /// [`claim`](Self::claim) for several tasks at the same fire time, one
-    /// answer per task in order. Backends override this to batch round
-    /// trips; each claim stays individually atomic.
-    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
-        let mut won = Vec::with_capacity(tasks.len());
+    /// [`claim`](Self::claim) for several tasks at the same fire time: one
+    /// outcome per task, in order, always `tasks.len()` of them. A failure
+    /// fails only the claims it may have left unanswered; claims the
+    /// registry answered keep their answer. Backends override this to batch
+    /// round trips; each claim stays individually atomic and idempotent.
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
+        let mut out = Vec::with_capacity(tasks.len());
         for task in tasks {
-            won.push(self.claim(ns, task, claim).await?);
+            out.push(ClaimOutcome::from_result(self.claim(ns, task, claim).await));
         }
-        Ok(won)
+        out
     }
 
     /// The stored claim of every task that has one (corrupt ones skipped).
