@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::error::Error;
-use crate::registry::{Claim, Registry};
+use crate::registry::{Claim, ClaimOutcome, Registry};
 use crate::schedule::Schedule;
 use crate::task::{Task, TaskContext, TaskMeta, TaskResult};
 
@@ -439,49 +439,38 @@ impl Engine {
     /// ones, or `None` after scheduling a retry on a registry error.
     async fn claim(&self, group: &[(Fire, Ready)], now: i64) -> Option<Vec<Ready>> {
         let fire_time = group.first()?.0.fire_time;
-        let claim = Claim {
-            fire_time,
-            node: self.cfg.node_id.clone(),
-            claimed_at: now,
-        };
+        let claim = Claim::new(fire_time, &self.cfg.node_id, &self.cfg.node_id, now);
         let names: Vec<&str> = group
             .iter()
             .map(|(_, r)| r.runnable.meta.name.as_str())
             .collect();
         let started = std::time::Instant::now();
-        match self
+        let outcomes = self
             .cfg
             .registry
             .claim_many(&self.cfg.ns, &names, &claim)
-            .await
-        {
-            Ok(won) if won.len() == group.len() => {
-                self.learn_claim_cost(started.elapsed(), names.len());
-                Some(
-                    group
-                        .iter()
-                        .zip(won)
-                        .filter(|(_, won)| *won)
-                        .map(|((_, r), _)| Ready {
-                            fire_time,
-                            runnable: r.runnable.clone(),
-                        })
-                        .collect(),
-                )
-            }
-            Ok(won) => {
-                tracing::error!(
-                    expected = group.len(),
-                    got = won.len(),
-                    "registry answered a claim batch with the wrong length; fires skipped"
-                );
-                None
-            }
-            Err(err) => {
-                self.retry_later(group.iter().map(|(f, _)| *f), &err);
-                None
+            .await;
+        self.learn_claim_cost(started.elapsed(), names.len());
+        let mut won = Vec::new();
+        let mut failed = Vec::new();
+        let mut last_err = None;
+        for ((f, r), outcome) in group.iter().zip(outcomes) {
+            match outcome {
+                ClaimOutcome::Won => won.push(Ready {
+                    fire_time,
+                    runnable: r.runnable.clone(),
+                }),
+                ClaimOutcome::Lost => {}
+                ClaimOutcome::Failed(err) => {
+                    failed.push(*f);
+                    last_err = Some(err);
+                }
             }
         }
+        if let Some(err) = last_err {
+            self.retry_later(failed.into_iter(), &err);
+        }
+        Some(won)
     }
 
     fn learn_claim_cost(&self, took: Duration, claims: usize) {
