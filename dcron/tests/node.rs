@@ -247,11 +247,7 @@ async fn force_add_cleanup_and_wipe() {
         .claim(
             &ns,
             "d",
-            &dcron::registry::Claim {
-                fire_time: i64::MAX - 1,
-                node: "x".into(),
-                claimed_at: 0
-            }
+            &dcron::registry::Claim::new(i64::MAX - 1, "x", "x/1", 0)
         )
         .await
         .expect("claim"));

@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcron::registry::{Claim, RawKind, Registry, WatchEvent, WatchReceiver};
+use dcron::registry::{
+    Claim, ClaimOutcome, FaultRegistry, RawKind, Registry, WatchEvent, WatchReceiver,
+};
 use dcron::{Error, Node, NodeStatus, TaskMeta};
 use tokio::time::Instant;
 
@@ -62,6 +64,8 @@ macro_rules! suite {
                 claim_watermark,
                 concurrent_claims_one_winner,
                 claim_many_matches_claim,
+                claims_are_idempotent,
+                claims_survive_faults,
                 create_only_and_overwrite,
                 tombstones,
                 cleanup,
@@ -119,11 +123,19 @@ pub fn node(id: &str, status: NodeStatus) -> Node {
 }
 
 fn claim(fire_time: i64, node: &str) -> Claim {
-    Claim {
-        fire_time,
-        node: node.to_string(),
-        claimed_at: fire_time + 5,
-    }
+    Claim::new(fire_time, node, &format!("{node}/1"), fire_time + 5)
+}
+
+/// Outcomes as `Some(won)`, `None` for failed.
+fn answers(outcomes: Vec<ClaimOutcome>) -> Vec<Option<bool>> {
+    outcomes
+        .into_iter()
+        .map(|o| match o {
+            ClaimOutcome::Won => Some(true),
+            ClaimOutcome::Lost => Some(false),
+            ClaimOutcome::Failed(_) => None,
+        })
+        .collect()
 }
 
 /// Node ids currently listed.
@@ -515,24 +527,82 @@ pub async fn claim_many_matches_claim(h: &impl Harness) {
         .claim(&ns, "c", &claim(9_000, "other"))
         .await
         .expect("claim"));
-    let won = r
-        .claim_many(&ns, &["a", "b", "c", "d"], &claim(5_000, "me"))
-        .await
-        .expect("claim_many");
-    assert_eq!(won, vec![true, false, false, true]);
-    let won = r
-        .claim_many(&ns, &["a", "b", "c", "d"], &claim(6_000, "me"))
-        .await
-        .expect("claim_many");
-    assert_eq!(won, vec![true, true, false, true]);
-    assert!(r
-        .claim_many(&ns, &[], &claim(7_000, "me"))
-        .await
-        .expect("empty")
-        .is_empty());
+    let won = answers(
+        r.claim_many(&ns, &["a", "b", "c", "d"], &claim(5_000, "me"))
+            .await,
+    );
+    assert_eq!(won, vec![Some(true), Some(false), Some(false), Some(true)]);
+    let won = answers(
+        r.claim_many(&ns, &["a", "b", "c", "d"], &claim(6_000, "me"))
+            .await,
+    );
+    assert_eq!(won, vec![Some(true), Some(true), Some(false), Some(true)]);
+    assert!(r.claim_many(&ns, &[], &claim(7_000, "me")).await.is_empty());
     let claims = r_claims(&r, &ns).await;
     assert_eq!(claims["b"].node, "me");
     assert_eq!(claims["c"].node, "other");
+}
+
+/// Re-claiming with the same token answers won and changes nothing; the
+/// same node id under another token (a restarted process) is not ours.
+pub async fn claims_are_idempotent(h: &impl Harness) {
+    let r = h.registry().await;
+    let other = h.registry().await;
+    let ns = fresh_ns("idempotent");
+    let mine = claim(5_000, "me");
+    assert!(r.claim(&ns, "t", &mine).await.expect("claim"));
+    assert!(other.claim(&ns, "t", &mine).await.expect("same token again"));
+    let restarted = Claim::new(5_000, "me", "me/2", 5_005);
+    assert!(!r.claim(&ns, "t", &restarted).await.expect("another incarnation"));
+    let stored = r_claims(&r, &ns).await;
+    assert_eq!(stored["t"], mine);
+    // In a batch: ours again, someone else's, fresh.
+    assert!(other
+        .claim(&ns, "u", &claim(5_000, "other"))
+        .await
+        .expect("claim"));
+    let won = answers(r.claim_many(&ns, &["t", "u", "v"], &mine).await);
+    assert_eq!(won, vec![Some(true), Some(false), Some(true)]);
+    // An older fire time under our token is lost once a newer one is stored.
+    assert!(!r
+        .claim(&ns, "t", &claim(4_000, "me"))
+        .await
+        .expect("older"));
+}
+
+/// Injected faults: a lost answer, a partly failed batch and a batch with
+/// no answer at all are each answered won by a retry with the same token,
+/// and nobody else can take those fire times meanwhile.
+pub async fn claims_survive_faults(h: &impl Harness) {
+    let faulty = FaultRegistry::wrap_shared(h.registry().await);
+    let r: Arc<dyn Registry> = Arc::new(faulty.clone());
+    let other = h.registry().await;
+    let ns = fresh_ns("claim-faults");
+    let mine = claim(8_000, "me");
+    let rival = claim(8_000, "rival");
+
+    faulty.lose_next_answers(1);
+    assert!(r.claim(&ns, "lost", &mine).await.is_err(), "answer lost");
+    assert!(!other.claim(&ns, "lost", &rival).await.expect("rival"));
+    assert!(r.claim(&ns, "lost", &mine).await.expect("retry"), "retry wins");
+
+    let names: Vec<String> = (0..9).map(|i| format!("split-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    faulty.split_next_batches(1);
+    let first = answers(r.claim_many(&ns, &refs, &mine).await);
+    assert_eq!(first.iter().filter(|a| a.is_none()).count(), 6);
+    assert!(first.iter().all(|a| *a != Some(false)));
+    let retry = answers(r.claim_many(&ns, &refs, &mine).await);
+    assert_eq!(retry, vec![Some(true); 9], "every claim of the batch is ours");
+    let rivals = answers(other.claim_many(&ns, &refs, &rival).await);
+    assert_eq!(rivals, vec![Some(false); 9]);
+
+    faulty.lose_next_answers(1);
+    let lost = answers(r.claim_many(&ns, &["b1", "b2"], &mine).await);
+    assert_eq!(lost, vec![None, None]);
+    let retry = answers(r.claim_many(&ns, &["b1", "b2"], &mine).await);
+    assert_eq!(retry, vec![Some(true), Some(true)]);
+    assert!(faulty.injected() >= 8);
 }
 
 pub async fn create_only_and_overwrite(h: &impl Harness) {
@@ -723,11 +793,9 @@ pub async fn many_tasks(h: &impl Harness) {
     let names = task_names(&h.registry().await, &ns).await;
     assert_eq!(names.len(), N);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let won = r
-        .claim_many(&ns, &names, &claim(1_000, "n"))
-        .await
-        .expect("claim_many");
-    assert!(won.iter().all(|w| *w));
+    let won = r.claim_many(&ns, &names, &claim(1_000, "n")).await;
+    assert_eq!(won.len(), N);
+    assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
     assert_eq!(r.claims(&ns).await.expect("claims").len(), N);
     r.clear(&ns).await.expect("clear");
 }
