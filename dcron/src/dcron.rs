@@ -417,8 +417,10 @@ impl Dcron {
             }
         };
         let record = inner.lock().record();
-        inner.apply(WatchEvent::NodePut(record));
-        inner.engine.resume();
+        inner.apply(WatchEvent::NodePut(record.clone()));
+        let mut incarnation = uuid::Uuid::new_v4().simple().to_string();
+        incarnation.truncate(16);
+        inner.engine.resume(&format!("{}/{incarnation}", record.id));
         inner.reconcile().await;
 
         let (shutdown, stop_rx) = watch::channel(false);
@@ -527,6 +529,13 @@ impl Dcron {
     /// The tasks this node owns now, sorted.
     pub fn my_running_tasks(&self) -> Vec<String> {
         self.inner.engine.owned()
+    }
+
+    /// Fires of tasks this node owned that did not run, since the node was
+    /// built (each also logged at ERROR and passed to the error handler as
+    /// [`Error::FireMissed`]).
+    pub fn missed_fires(&self) -> u64 {
+        self.inner.engine.missed()
     }
 
     /// A stream of node and task events as this node sees them.

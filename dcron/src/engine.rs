@@ -1,8 +1,14 @@
 //! The timer: one loop over a queue of next fire times for the tasks this
-//! node owns. Due fires are claimed in the registry in one batch per fire
-//! time, and only the won fires run.
+//! node owns. Due fires go to the claimer, which claims them in the
+//! registry in batches per fire time (off the timer, so a slow registry
+//! never stops the queue), and only the won fires run.
+//!
+//! No fire is dropped silently: a fire whose claim fails is retried, in
+//! fire-time order per task, until the claim is answered or the fire
+//! leaves the late window; then it is reported as missed
+//! ([`Error::FireMissed`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -13,9 +19,10 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 
-use crate::clock::Clock;
-use crate::error::Error;
+use crate::clock::{rfc3339, Clock};
+use crate::error::{Error, MissReason};
 use crate::registry::{Claim, ClaimOutcome, Registry};
 use crate::schedule::Schedule;
 use crate::task::{Task, TaskContext, TaskMeta, TaskResult};
@@ -24,7 +31,10 @@ use crate::task::{Task, TaskContext, TaskMeta, TaskResult};
 /// task still runs on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overlap {
-    /// Skip the new fire (its claim is not taken, so nobody runs it).
+    /// Skip the new fire (its claim is not taken, so nobody runs it); the
+    /// skip is reported as a missed fire ([`MissReason::Overlap`]). Fires
+    /// that were claimed late (the registry was slow) and find the previous
+    /// run still going wait for it and run right after it, in order.
     #[default]
     Skip,
     /// Run it anyway, concurrently.
@@ -102,6 +112,12 @@ pub(crate) struct Engine {
     idle: Notify,
     /// Recent cost of one claim in a batch, nanoseconds (moving average).
     claim_ns: AtomicU64,
+    /// Wakes the claimer: claims queued, or the engine stopped.
+    claim_wake: Notify,
+    /// This incarnation's claim token (set at each start).
+    token: Mutex<Arc<str>>,
+    /// Fires reported missed since the engine was built.
+    missed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -113,6 +129,17 @@ struct State {
     queue: BTreeMap<i64, Vec<Fire>>,
     /// The buffer of the last batch, reused for the next new bucket.
     spare: Vec<Fire>,
+    /// Fires waiting for their claim, by fire time: the claimer always
+    /// takes the oldest first, so a task's older fire is claimed before
+    /// any newer one (a retry goes back to its own fire time).
+    claims: BTreeMap<i64, Vec<Pending>>,
+    /// After a failed claim call the claimer pauses until then (epoch ms).
+    claim_retry_at: i64,
+    /// Failed claim calls in a row (backoff).
+    claim_failures: u32,
+    /// Claimed fires waiting for the previous run of the same task
+    /// (`Overlap::Skip` after a late claim), by runnable.
+    deferred: FxHashMap<usize, (Arc<Runnable>, VecDeque<i64>)>,
     generation: u64,
     stopped: bool,
 }
@@ -132,11 +159,13 @@ struct Runnable {
     flagged: bool,
     /// Runs of this task in flight on this node (for the overlap policy).
     running: AtomicUsize,
+    /// Claimed fires of this task wait in `State::deferred`.
+    deferred: std::sync::atomic::AtomicBool,
 }
 
-/// A won-or-to-claim fire taken out of the queue.
-struct Ready {
-    fire_time: i64,
+/// A fire waiting for its claim.
+struct Pending {
+    fire: Fire,
     runnable: Arc<Runnable>,
 }
 
@@ -175,11 +204,25 @@ struct Fire {
 }
 
 /// Longest pause between claim retries after registry errors.
-const MAX_RETRY_PAUSE_MS: i64 = 5_000;
+const MAX_RETRY_PAUSE_MS: i64 = 800;
+/// Pause before retrying the failed part of a call that was partly answered.
+const PARTIAL_RETRY_PAUSE_MS: i64 = 50;
 /// Fires handled per step of a batch (claims per registry call at most).
 const CHUNK: usize = 2048;
+/// Claim calls of one fire time in flight at once.
+const MAX_CLAIMS_IN_FLIGHT: usize = 4;
+/// A claim call not answered within this is treated as failed and retried
+/// (safe: claims are idempotent), so a registry that hangs during an
+/// election does not hold fires for a full client timeout.
+const CLAIM_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest claim lead: claims are never taken further ahead than this.
 const MAX_LEAD_MS: i64 = 200;
+/// Fires late by more than this are logged (WARN) when they run.
+const LATE_LOG_MS: i64 = 1_000;
+/// The late window is at least this long, even with `CatchUp::Skip`.
+const MIN_LATE_WINDOW_MS: i64 = 5_000;
+/// Missed fires logged one by one per batch; the rest are counted.
+const MISSED_LOG_LINES: usize = 20;
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Arc<Engine> {
@@ -190,7 +233,21 @@ impl Engine {
             running: AtomicUsize::new(0),
             idle: Notify::new(),
             claim_ns: AtomicU64::new(1_000),
+            claim_wake: Notify::new(),
+            token: Mutex::new(Arc::from("")),
+            missed: AtomicU64::new(0),
         })
+    }
+
+    /// Fires reported missed so far (for metrics).
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
+    }
+
+    /// How late a fire may still be claimed and run: the catch-up window,
+    /// at least [`MIN_LATE_WINDOW_MS`].
+    fn late_window_ms(&self) -> i64 {
+        self.cfg.catch_up.window_ms().max(MIN_LATE_WINDOW_MS)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -269,20 +326,47 @@ impl Engine {
         self.wake.notify_one();
     }
 
-    /// Stops firing; runs in flight continue.
+    /// Stops firing; runs in flight continue. Fires still waiting for
+    /// their claim are left to the next owner (its catch-up applies).
     pub fn stop(&self) {
-        self.lock().stopped = true;
+        let unclaimed: usize = {
+            let mut st = self.lock();
+            st.stopped = true;
+            let n = st.claims.values().map(Vec::len).sum();
+            st.claims.clear();
+            n
+        };
+        if unclaimed > 0 {
+            tracing::warn!(
+                unclaimed,
+                "stopping with fires still waiting for their claim; the next owner's catch-up applies"
+            );
+        }
         self.wake.notify_one();
+        self.claim_wake.notify_one();
     }
 
     /// Clears the queue (after `stop`), so a later start begins afresh.
     pub fn reset(&self) {
-        *self.lock() = State::default();
+        let mut st = self.lock();
+        let deferred: usize = st.deferred.values().map(|(_, q)| q.len()).sum();
+        *st = State::default();
+        drop(st);
+        if deferred > 0 {
+            tracing::warn!(deferred, "reset with claimed fires still waiting for a previous run; they are dropped");
+            self.running.fetch_sub(deferred, Ordering::SeqCst);
+        }
     }
 
-    /// Allows firing again after `stop`.
-    pub fn resume(&self) {
+    /// Allows firing again after `stop`, claiming under `token` (node id
+    /// plus this start's incarnation).
+    pub fn resume(&self, token: &str) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(token);
         self.lock().stopped = false;
+    }
+
+    fn token(&self) -> Arc<str> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Runs in flight on this node.
@@ -305,12 +389,20 @@ impl Engine {
         }
     }
 
-    /// The timer loop. Ends after `stop`.
+    /// The timer loop (and the claimer it starts). Ends after `stop`.
     ///
     /// A batch is taken out of the queue a little before its fire time (the
-    /// claim lead, sized from how long recent claims took), claimed, and
-    /// run at the fire time, so claims don't delay the runs.
+    /// claim lead, sized from how long recent claims took) and handed to
+    /// the claimer; won fires run at their fire time, so claims don't delay
+    /// the runs. The timer never waits for the registry.
     pub async fn run(self: Arc<Self>) {
+        let claimer = tokio::spawn(self.clone().claim_loop());
+        self.timer_loop().await;
+        self.claim_wake.notify_one();
+        let _ = claimer.await;
+    }
+
+    async fn timer_loop(&self) {
         loop {
             let now = self.cfg.clock.now_ms();
             let (batch, wait) = {
@@ -338,7 +430,7 @@ impl Engine {
                 }
                 continue;
             }
-            self.fire_batch(batch, now).await;
+            self.queue_claims(batch, now);
         }
     }
 
@@ -354,63 +446,56 @@ impl Engine {
         (ms + 1).min(MAX_LEAD_MS)
     }
 
-    /// Claims the fires of `batch` (in chunks, one registry call per fire
-    /// time and chunk) and runs the won ones at their fire time. Claiming
-    /// ahead (by the claim lead) keeps registry latency out of the runs'
-    /// start times; the price is that a node crashing inside that window
-    /// loses the fires it claimed. Chunks keep every buffer small, so a
-    /// large batch each second doesn't fragment the heap.
-    async fn fire_batch(self: &Arc<Self>, mut batch: Vec<Fire>, now: i64) {
-        // Counts as a run in flight so `stop` waits for claimed fires.
-        let _busy = Busy::new(self.clone());
+    /// Moves the fires of `batch` to the claimer's queue (in chunks, so
+    /// the lock is never held for long), scheduling each task's next fire.
+    fn queue_claims(&self, mut batch: Vec<Fire>, now: i64) {
         batch.sort_by_key(|f| f.fire_time);
-        let mut won: Vec<Vec<Ready>> = Vec::new();
+        let mut missed = Vec::new();
         for chunk in batch.chunks(CHUNK) {
-            let ready = self.take_chunk(chunk, now);
-            let mut rest = ready.as_slice();
-            while let Some((first, _)) = rest.first() {
-                let n = rest
-                    .iter()
-                    .take_while(|(f, _)| f.fire_time == first.fire_time)
-                    .count();
-                let (group, tail) = rest.split_at(n);
-                rest = tail;
-                if let Some(winners) = self.claim(group, now).await {
-                    won.push(winners);
-                }
-            }
+            self.take_chunk(chunk, now, &mut missed);
         }
         batch.clear();
         self.lock().spare = batch;
-        let mut reached = i64::MIN;
-        for ready in won.iter().flatten() {
-            // Fires are sorted: wait once per fire time, not per fire.
-            if ready.fire_time > reached {
-                let early = ready.fire_time - self.cfg.clock.now_ms();
-                if early > 0 {
-                    tokio::time::sleep(Duration::from_millis(early as u64)).await;
-                }
-                reached = ready.fire_time;
-            }
-            self.dispatch(ready);
+        self.claim_wake.notify_one();
+        for (runnable, fire_time, reason) in missed {
+            self.report_missed(&runnable.meta, fire_time, reason);
         }
     }
 
     /// Under the lock: schedules the next fire of each regular fire of
-    /// `chunk`, drops stale and overlapping ones, and returns what to claim.
-    fn take_chunk(&self, chunk: &[Fire], now: i64) -> Vec<(Fire, Ready)> {
-        let mut ready = Vec::with_capacity(chunk.len());
+    /// `chunk`, drops stale ones, skips overlapping ones (into `missed`),
+    /// and queues the rest for claiming.
+    fn take_chunk(
+        &self,
+        chunk: &[Fire],
+        now: i64,
+        missed: &mut Vec<(Arc<Runnable>, i64, MissReason)>,
+    ) {
+        let floor = now - self.late_window_ms();
         let mut st = self.lock();
         let mut next_cache: FxHashMap<(usize, i64), Option<i64>> = FxHashMap::default();
         for &fire in chunk {
             let Some(entry) = st.live(fire) else { continue };
             let runnable = entry.runnable.clone();
             if fire.regular {
-                let schedule = &entry.schedule;
-                let key = (Arc::as_ptr(schedule) as *const () as usize, fire.fire_time);
+                let schedule = entry.schedule.clone();
+                // Normally the next fire follows this one. A node that did
+                // not run for longer than the late window (paused, clock
+                // jump) resumes at the window's start and reports the gap.
+                let from = if fire.fire_time < floor {
+                    if let Some(skipped) = schedule.next_after(fire.fire_time) {
+                        if skipped <= floor {
+                            missed.push((runnable.clone(), skipped, MissReason::NodeStalled));
+                        }
+                    }
+                    floor
+                } else {
+                    fire.fire_time
+                };
+                let key = (Arc::as_ptr(&schedule) as *const () as usize, from);
                 let next = *next_cache
                     .entry(key)
-                    .or_insert_with(|| schedule.next_after(fire.fire_time.max(now - 1)));
+                    .or_insert_with(|| schedule.next_after(from));
                 if let Some(next) = next {
                     let next_fire = Fire {
                         fire_time: next,
@@ -420,57 +505,230 @@ impl Engine {
                     st.push_next(next, next_fire);
                 }
             }
-            if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
-                tracing::debug!(task = %runnable.meta.name, fire_time = fire.fire_time, "previous run still running; fire skipped");
+            if fire.fire_time < floor {
+                if !fire.regular {
+                    missed.push((runnable, fire.fire_time, MissReason::ClaimFailed));
+                }
                 continue;
             }
-            ready.push((
-                fire,
-                Ready {
-                    fire_time: fire.fire_time,
-                    runnable,
-                },
-            ));
+            if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
+                missed.push((runnable, fire.fire_time, MissReason::Overlap));
+                continue;
+            }
+            st.claims
+                .entry(fire.fire_time)
+                .or_default()
+                .push(Pending { fire, runnable });
         }
-        ready
     }
 
-    /// Claims one fire time's fires in one registry call; returns the won
-    /// ones, or `None` after scheduling a retry on a registry error.
-    async fn claim(&self, group: &[(Fire, Ready)], now: i64) -> Option<Vec<Ready>> {
-        let fire_time = group.first()?.0.fire_time;
-        let claim = Claim::new(fire_time, &self.cfg.node_id, &self.cfg.node_id, now);
-        let names: Vec<&str> = group
-            .iter()
-            .map(|(_, r)| r.runnable.meta.name.as_str())
-            .collect();
+    /// The claimer: takes the oldest fire time's pending fires, claims them
+    /// in chunks (several in flight, all of that one fire time, so no two
+    /// claims of one task ever race), and moves on to the next fire time
+    /// only when every claim of this one is answered or requeued.
+    async fn claim_loop(self: Arc<Self>) {
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut current: Option<i64> = None;
+        loop {
+            let woken = self.claim_wake.notified();
+            let now = self.cfg.clock.now_ms();
+            let (took, wait, expired) = {
+                let mut st = self.lock();
+                if st.stopped {
+                    break;
+                }
+                let expired = st.expire_claims(now - self.late_window_ms());
+                let mut took = Vec::new();
+                let mut wait = None;
+                if now < st.claim_retry_at {
+                    wait = Some(st.claim_retry_at - now);
+                } else {
+                    while in_flight.len() + took.len() < MAX_CLAIMS_IN_FLIGHT {
+                        match st.take_claims(current) {
+                            Some((fire_time, group)) => {
+                                current = Some(fire_time);
+                                took.push((fire_time, group));
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                (took, wait, expired)
+            };
+            self.report_expired(expired);
+            for (fire_time, group) in took {
+                let engine = self.clone();
+                let busy = Busy::new(self.clone());
+                in_flight.spawn(async move {
+                    engine.claim_group(fire_time, group).await;
+                    drop(busy);
+                });
+            }
+            let pause = wait.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1)));
+            tokio::select! {
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if in_flight.is_empty() {
+                        current = None;
+                    }
+                }
+                _ = woken => {}
+                _ = sleep_opt(pause) => {}
+            }
+        }
+        // Stopped: claims in flight finish (their won fires still run).
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Claims one chunk of one fire time and handles each outcome: won
+    /// fires run (at their fire time), lost ones are dropped, failed ones
+    /// go back to the queue at their fire time for a retry.
+    async fn claim_group(self: &Arc<Self>, fire_time: i64, group: Vec<Pending>) {
+        let now = self.cfg.clock.now_ms();
+        let token = self.token();
+        let claim = Claim::new(fire_time, &self.cfg.node_id, &token, now);
+        let names: Vec<&str> = group.iter().map(|p| p.runnable.meta.name.as_str()).collect();
         let started = std::time::Instant::now();
-        let outcomes = self
-            .cfg
-            .registry
-            .claim_many(&self.cfg.ns, &names, &claim)
-            .await;
-        self.learn_claim_cost(started.elapsed(), names.len());
+        let call = self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim);
+        let outcomes = match tokio::time::timeout(CLAIM_DEADLINE, call).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => ClaimOutcome::fail_all(
+                names.len(),
+                Error::Timeout {
+                    what: "claiming fires".into(),
+                    after: CLAIM_DEADLINE,
+                },
+            ),
+        };
+        drop(names);
         let mut won = Vec::new();
         let mut failed = Vec::new();
         let mut last_err = None;
-        for ((f, r), outcome) in group.iter().zip(outcomes) {
-            match outcome {
-                ClaimOutcome::Won => won.push(Ready {
-                    fire_time,
-                    runnable: r.runnable.clone(),
-                }),
-                ClaimOutcome::Lost => {}
-                ClaimOutcome::Failed(err) => {
-                    failed.push(*f);
+        let total = group.len();
+        let mut outcomes = outcomes.into_iter();
+        for pending in group {
+            match outcomes.next() {
+                Some(ClaimOutcome::Won) => won.push(pending.runnable),
+                Some(ClaimOutcome::Lost) => {}
+                Some(ClaimOutcome::Failed(err)) => {
                     last_err = Some(err);
+                    failed.push(pending);
+                }
+                None => {
+                    last_err = Some(Error::registry_msg(
+                        self.cfg.registry.backend(),
+                        "claim batch answered too few outcomes",
+                    ));
+                    failed.push(pending);
                 }
             }
         }
-        if let Some(err) = last_err {
-            self.retry_later(failed.into_iter(), &err);
+        if failed.is_empty() {
+            self.learn_claim_cost(started.elapsed(), won.len().max(1));
         }
-        Some(won)
+        let answered = total - failed.len();
+        self.settle_claims(fire_time, failed, answered, last_err);
+        if won.is_empty() {
+            return;
+        }
+        let early = fire_time - self.cfg.clock.now_ms();
+        if early > 0 {
+            let engine = self.clone();
+            let busy = Busy::new(self.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(early as u64)).await;
+                engine.dispatch_all(fire_time, &won);
+                drop(busy);
+            });
+        } else {
+            self.dispatch_all(fire_time, &won);
+        }
+    }
+
+    /// Requeues failed claims (with backoff for the claimer), or resets the
+    /// backoff after a fully answered call.
+    fn settle_claims(&self, fire_time: i64, failed: Vec<Pending>, answered: usize, err: Option<Error>) {
+        let now = self.cfg.clock.now_ms();
+        let mut st = self.lock();
+        if failed.is_empty() {
+            st.claim_failures = 0;
+            return;
+        }
+        // A registry that answered part of the call is up: retry soon. One
+        // that answered nothing backs off (no busy loop during an outage).
+        let pause = if answered > 0 {
+            PARTIAL_RETRY_PAUSE_MS
+        } else {
+            st.claim_failures = st.claim_failures.saturating_add(1);
+            (50_i64 << st.claim_failures.min(5)).min(MAX_RETRY_PAUSE_MS)
+        };
+        st.claim_retry_at = st.claim_retry_at.max(now + pause);
+        let retried = failed.len();
+        let queue = st.claims.entry(fire_time).or_default();
+        queue.extend(failed.into_iter().map(|mut p| {
+            p.fire.attempt = p.fire.attempt.saturating_add(1);
+            p
+        }));
+        let failures = st.claim_failures;
+        drop(st);
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        if failures <= 1 {
+            tracing::warn!(%err, retried, fire_time = %rfc3339(fire_time), "claim failed; retrying in fire-time order");
+        } else {
+            tracing::debug!(%err, retried, failures, "claim failed again; retrying");
+        }
+    }
+
+    /// Runs the won fires of one fire time; logs them if they are late.
+    fn dispatch_all(self: &Arc<Self>, fire_time: i64, won: &[Arc<Runnable>]) {
+        let late = self.cfg.clock.now_ms() - fire_time;
+        if late > LATE_LOG_MS {
+            tracing::warn!(
+                fires = won.len(),
+                fire_time = %rfc3339(fire_time),
+                late_ms = late,
+                "fires running late (the registry was slow to answer their claims)"
+            );
+        }
+        for runnable in won {
+            self.dispatch(runnable, fire_time);
+        }
+    }
+
+    /// Reports fires that left the late window before their claim was
+    /// answered.
+    fn report_expired(&self, expired: Vec<Pending>) {
+        if expired.is_empty() {
+            return;
+        }
+        let total = expired.len();
+        for (i, p) in expired.into_iter().enumerate() {
+            self.missed_one(&p.runnable.meta, p.fire.fire_time, MissReason::ClaimFailed, i < MISSED_LOG_LINES);
+        }
+        if total > MISSED_LOG_LINES {
+            tracing::error!(missed = total, "fires missed: the registry did not take their claims within the late window");
+        }
+    }
+
+    /// Reports one missed fire: ERROR log, error handler, counter.
+    fn report_missed(&self, meta: &TaskMeta, fire_time: i64, reason: MissReason) {
+        self.missed_one(meta, fire_time, reason, true);
+    }
+
+    fn missed_one(&self, meta: &TaskMeta, fire_time: i64, reason: MissReason, log: bool) {
+        self.missed.fetch_add(1, Ordering::Relaxed);
+        if log {
+            tracing::error!(task = %meta.name, fire_time = %rfc3339(fire_time), fire_time_ms = fire_time, %reason, "fire missed");
+        }
+        let err = Error::FireMissed {
+            task: meta.name.clone(),
+            fire_time,
+            reason,
+        };
+        if let Some(handler) = &self.cfg.error_handler {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| handler(meta, &err))).is_err() {
+                tracing::error!(task = %meta.name, "the error handler panicked");
+            }
+        }
     }
 
     fn learn_claim_cost(&self, took: Duration, claims: usize) {
@@ -485,48 +743,29 @@ impl Engine {
         );
     }
 
-    fn retry_later(&self, fires: impl Iterator<Item = Fire>, err: &Error) {
-        let now = self.cfg.clock.now_ms();
-        let window = self.cfg.catch_up.window_ms().max(5_000);
-        let mut st = self.lock();
-        let mut dropped = 0usize;
-        let mut retried = 0usize;
-        for fire in fires {
-            if now - fire.fire_time > window {
-                dropped += 1;
-                continue;
-            }
-            let attempt = fire.attempt.saturating_add(1);
-            let pause = (100_i64 << attempt.min(6)).min(MAX_RETRY_PAUSE_MS);
-            st.push(
-                now + pause,
-                Fire {
-                    regular: false,
-                    attempt,
-                    ..fire
-                },
-            );
-            retried += 1;
-        }
-        drop(st);
-        if dropped > 0 {
-            tracing::error!(%err, dropped, "could not claim fires within the retry window; they are lost");
-        }
-        if retried > 0 {
-            tracing::warn!(%err, retried, "claim failed; retrying");
-        }
-        self.wake.notify_one();
-    }
-
     /// Runs a won fire. The body is polled once right here: bodies that
     /// finish without waiting (the common case for short jobs) cost no
     /// task spawn; the others continue on their own tokio task.
-    fn dispatch(self: &Arc<Self>, ready: &Ready) {
-        let r = &ready.runnable;
+    fn dispatch(self: &Arc<Self>, r: &Arc<Runnable>, fire_time: i64) {
+        if self.cfg.overlap == Overlap::Skip && r.running.load(Ordering::SeqCst) > 0 {
+            // Claimed late while the previous run still goes: run after it.
+            let mut st = self.lock();
+            let key = Arc::as_ptr(r) as usize;
+            st.deferred
+                .entry(key)
+                .or_insert_with(|| (r.clone(), VecDeque::new()))
+                .1
+                .push_back(fire_time);
+            r.deferred.store(true, Ordering::SeqCst);
+            self.running.fetch_add(1, Ordering::SeqCst); // a claimed fire to run
+            drop(st);
+            // The previous run may have ended meanwhile.
+            self.run_deferred(r);
+            return;
+        }
         let meta = &r.meta;
         if r.flagged {
             let guard = self.count_run(r.clone());
-            let fire_time = ready.fire_time;
             tokio::spawn(async move {
                 guard
                     .engine
@@ -538,15 +777,14 @@ impl Engine {
         }
         let ctx = TaskContext {
             meta: meta.clone(),
-            fire_time: ready.fire_time,
+            fire_time,
         };
         let mut run = CatchUnwind(r.body.run(ctx));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match Pin::new(&mut run).poll(&mut cx) {
-            Poll::Ready(outcome) => self.finish(meta, ready.fire_time, outcome),
+            Poll::Ready(outcome) => self.finish(meta, fire_time, outcome),
             Poll::Pending => {
                 let guard = self.count_run(r.clone());
-                let fire_time = ready.fire_time;
                 tokio::spawn(async move {
                     let outcome = run.await;
                     guard
@@ -644,6 +882,40 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Runs the next claimed fire that waited for `r`'s previous run.
+    fn run_deferred(self: &Arc<Self>, r: &Arc<Runnable>) {
+        if r.running.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let next = {
+            let mut st = self.lock();
+            let key = Arc::as_ptr(r) as usize;
+            let next = st.deferred.get_mut(&key).and_then(|(_, q)| q.pop_front());
+            if st.deferred.get(&key).is_some_and(|(_, q)| q.is_empty()) {
+                st.deferred.remove(&key);
+                r.deferred.store(false, Ordering::SeqCst);
+            }
+            next
+        };
+        if let Some(fire_time) = next {
+            self.dispatch(r, fire_time);
+            // The deferred fire counted as in flight until now.
+            if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.idle.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Sleeps for `pause`, or forever without one.
+async fn sleep_opt(pause: Option<Duration>) {
+    match pause {
+        Some(p) => tokio::time::sleep(p).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Retries a registry write a few times with short backoff.
 async fn retry<F, Fut>(mut op: F) -> crate::Result<()>
 where
@@ -690,6 +962,9 @@ struct RunGuard {
 impl Drop for RunGuard {
     fn drop(&mut self) {
         self.runnable.running.fetch_sub(1, Ordering::SeqCst);
+        if self.runnable.deferred.load(Ordering::SeqCst) {
+            self.engine.run_deferred(&self.runnable);
+        }
         if self.engine.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.engine.idle.notify_waiters();
         }
@@ -753,6 +1028,7 @@ impl State {
             meta: job.meta,
             body: job.body,
             running: AtomicUsize::new(0),
+            deferred: std::sync::atomic::AtomicBool::new(false),
         });
         let entry = Entry {
             schedule: job.schedule,
@@ -788,6 +1064,35 @@ impl State {
             self.slots[slot as usize] = None;
             self.free.push(slot);
         }
+    }
+
+    /// Takes up to a chunk of the oldest fire time waiting for claims: only
+    /// of fire time `current` while claims of it are in flight.
+    fn take_claims(&mut self, current: Option<i64>) -> Option<(i64, Vec<Pending>)> {
+        let mut entry = self.claims.first_entry()?;
+        let fire_time = *entry.key();
+        if current.is_some_and(|c| c != fire_time) {
+            return None;
+        }
+        let pending = entry.get_mut();
+        if pending.len() <= CHUNK {
+            return Some((fire_time, entry.remove()));
+        }
+        let rest = pending.split_off(CHUNK);
+        let group = std::mem::replace(pending, rest);
+        Some((fire_time, group))
+    }
+
+    /// Removes the fires older than `floor` from the claim queue.
+    fn expire_claims(&mut self, floor: i64) -> Vec<Pending> {
+        let mut expired = Vec::new();
+        while let Some(entry) = self.claims.first_entry() {
+            if *entry.key() >= floor {
+                break;
+            }
+            expired.extend(entry.remove());
+        }
+        expired
     }
 
     /// Takes every fire due by `now + lead`; otherwise says how long to

@@ -18,6 +18,9 @@ use dcron::{Builder, Dcron, Error, Strategy, TaskContext, TaskMeta};
 
 use crate::conformance::{eventually, fresh_ns, Harness};
 
+mod faults;
+pub use faults::*;
+
 macro_rules! suite {
     ($harness:expr) => {
         mod cluster_tests {
@@ -29,6 +32,10 @@ macro_rules! suite {
                 tombstone_stops_everywhere_and_survives_restart,
                 one_shot_runs_once_in_the_cluster,
                 dynamic_task_runs_on_its_owner,
+                claim_stall_runs_fires_late_not_lost,
+                lost_answers_and_split_batches_lose_nothing,
+                claim_outage_retries_in_order,
+                long_outage_reports_every_missed_fire,
             );
         }
     };
