@@ -481,17 +481,9 @@ impl Engine {
                 let schedule = entry.schedule.clone();
                 // Normally the next fire follows this one. A node that did
                 // not run for longer than the late window (paused, clock
-                // jump) resumes at the window's start and reports the gap.
-                let from = if fire.fire_time < floor {
-                    if let Some(skipped) = schedule.next_after(fire.fire_time) {
-                        if skipped <= floor {
-                            missed.push((runnable.clone(), skipped, MissReason::NodeStalled));
-                        }
-                    }
-                    floor
-                } else {
-                    fire.fire_time
-                };
+                // jump) resumes at the window's start; this fire is
+                // reported below, the ones in the gap with it.
+                let from = fire.fire_time.max(floor);
                 let key = (Arc::as_ptr(&schedule) as *const () as usize, from);
                 let next = *next_cache
                     .entry(key)
@@ -506,9 +498,7 @@ impl Engine {
                 }
             }
             if fire.fire_time < floor {
-                if !fire.regular {
-                    missed.push((runnable, fire.fire_time, MissReason::ClaimFailed));
-                }
+                missed.push((runnable, fire.fire_time, MissReason::NodeStalled));
                 continue;
             }
             if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {

@@ -140,8 +140,9 @@ pub enum MissReason {
     /// [`Overlap::Skip`](crate::Overlap::Skip): the previous run of the task
     /// was still running on this node when the fire came due.
     Overlap,
-    /// The node itself did not run for longer than the catch-up window
-    /// (process paused, clock jump); the fires in between were skipped.
+    /// The node itself did not run for longer than the late window
+    /// (process paused, clock jump): reported once per task, for the first
+    /// fire of the gap; the fires up to the window's start were skipped.
     NodeStalled,
 }
 
