@@ -43,7 +43,11 @@
 //! # }
 //! ```
 //!
-//! See the README for the semantics (claims, catch-up, tombstones,
+//! Every fire time a node owns either runs once in the cluster or is
+//! reported as missed ([`Error::FireMissed`], [`Dcron::missed_fires`]);
+//! claims are idempotent per node incarnation, so a lost answer never turns
+//! into a lost or a second run. The repository's README and `docs/design.md`
+//! give the full semantics (claims, catch-up, the late window, tombstones,
 //! namespaces) and the strategies.
 mod builder;
 pub mod clock;
