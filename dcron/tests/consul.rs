@@ -3,7 +3,7 @@
 //!
 //! Needs `DCRON_CONSUL_ADDR` (set by `scripts/services.sh up`); without it
 //! every test skips, unless `DCRON_REQUIRE_SERVICES=1`. Tests that restart
-//! an agent start their own throw-away agents on ports 17850-17869.
+//! an agent start their own throw-away agents on ports 31350-31369.
 #![cfg(feature = "consul")]
 
 mod cluster;
@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcron::registry::{ConsulRegistry, RawKind, Registry, WatchEvent};
+use dcron::registry::{Claim, ClaimOutcome, ConsulRegistry, RawKind, Registry, WatchEvent};
 use dcron::{Dcron, NodeStatus, TaskContext, TaskMeta};
 use tokio::time::Instant;
 
@@ -377,17 +377,18 @@ async fn concurrent_claim_many_one_winner() {
                 if c % 2 == 1 {
                     names.reverse();
                 }
-                let claim = dcron::registry::Claim {
-                    fire_time,
-                    node: format!("c{c}"),
-                    claimed_at: fire_time,
-                };
+                let node = format!("c{c}");
+                let claim = Claim::new(fire_time, &node, &format!("{node}/1"), fire_time);
                 barrier.wait().await;
-                let won = r.claim_many(&ns, &names, &claim).await.expect("claim_many");
+                let won = r.claim_many(&ns, &names, &claim).await;
+                assert!(
+                    won.iter().all(|o| !matches!(o, ClaimOutcome::Failed(_))),
+                    "claim_many: {won:?}"
+                );
                 names
                     .into_iter()
                     .zip(won)
-                    .filter(|(_, w)| *w)
+                    .filter(|(_, w)| w.is_won())
                     .map(|(n, _)| n.to_string())
                     .collect::<Vec<_>>()
             }));
@@ -415,6 +416,135 @@ async fn concurrent_claim_many_one_winner() {
         10
     );
     clients[0].clear(&ns).await.expect("clear");
+}
+
+/// Watermarks written by older versions (no token) are never "ours", a
+/// token of the wrong type makes a watermark corrupt (skipped, overwritten),
+/// and a claim without a token is not idempotent.
+async fn tokenless_and_odd_watermarks(h: &impl conformance::Harness) {
+    let r = h.registry().await;
+    let ns = fresh_ns("claim-tokens");
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "legacy",
+        br#"{"fire_time":5000,"node":"me","claimed_at":1}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(stored.len(), 1, "a watermark without a token decodes");
+    assert!(stored[0].1.token.is_empty());
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "me/1", 5_001))
+        .await
+        .expect("same fire time over a tokenless watermark"));
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "", 5_001))
+        .await
+        .expect("an empty token is never ours"));
+    assert!(r
+        .claim(&ns, "legacy", &Claim::new(6_000, "me", "me/1", 6_001))
+        .await
+        .expect("newer"));
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "bad-token",
+        br#"{"fire_time":9000,"node":"x","claimed_at":1,"token":7}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(
+        stored.len(),
+        1,
+        "a watermark with a non-string token is corrupt"
+    );
+    assert!(r
+        .claim(&ns, "bad-token", &Claim::new(1_000, "me", "me/1", 1_001))
+        .await
+        .expect("claim over a corrupt watermark"));
+    let tokenless = Claim::new(7_000, "me", "", 7_001);
+    assert!(r.claim(&ns, "plain", &tokenless).await.expect("claim"));
+    assert!(!r
+        .claim(&ns, "plain", &tokenless)
+        .await
+        .expect("no token, no idempotency"));
+    let stored: std::collections::BTreeMap<String, Claim> =
+        r.claims(&ns).await.expect("claims").into_iter().collect();
+    assert_eq!(
+        stored["plain"], tokenless,
+        "an empty token is stored as none"
+    );
+    r.clear(&ns).await.expect("clear");
+}
+
+/// A batch spanning several script calls / transactions: every outcome is
+/// in its task's position (fresh, already ours, someone else's).
+async fn large_batch_outcomes_in_order(h: &impl conformance::Harness, size: usize) {
+    let r = h.registry().await;
+    let other = h.registry().await;
+    let ns = fresh_ns("claim-batch-order");
+    let names: Vec<String> = (0..size).map(|i| format!("task-{i:05}")).collect();
+    let theirs: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i.is_multiple_of(7))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    let ours: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !i.is_multiple_of(7) && i.is_multiple_of(11))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    let mine = Claim::new(50_000, "me", "me/1", 50_001);
+    let rival = Claim::new(50_000, "rival", "rival/1", 50_002);
+    let pre = other.claim_many(&ns, &theirs, &rival).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let pre = r.claim_many(&ns, &ours, &mine).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let got = r.claim_many(&ns, &refs, &mine).await;
+    assert_eq!(got.len(), size);
+    for (i, outcome) in got.iter().enumerate() {
+        let want_won = !i.is_multiple_of(7);
+        assert_eq!(
+            (outcome.is_won(), matches!(outcome, ClaimOutcome::Failed(_))),
+            (want_won, false),
+            "task {i}: {outcome:?}"
+        );
+    }
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(stored.len(), size);
+    for (name, c) in &stored {
+        let i: usize = name["task-".len()..].parse().expect("index");
+        assert_eq!(
+            c.node,
+            if i.is_multiple_of(7) { "rival" } else { "me" },
+            "{name}"
+        );
+    }
+    r.clear(&ns).await.expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_without_tokens_and_with_odd_ones() {
+    let Some(h) = harness() else { return };
+    tokenless_and_odd_watermarks(&h).await;
+}
+
+/// 300 tasks: a recursive read, then five transactions of up to 64 CAS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_many_across_transactions() {
+    let Some(h) = harness() else { return };
+    large_batch_outcomes_in_order(&h, 300).await;
+}
+
+/// 20 tasks: point reads, then one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_many_with_point_reads() {
+    let Some(h) = harness() else { return };
+    large_batch_outcomes_in_order(&h, 20).await;
 }
 
 // ----- watch ------------------------------------------------------------------
@@ -458,11 +588,7 @@ async fn claims_do_not_wake_the_watch() {
     let started = Instant::now();
     let mut fire = 1_000;
     while started.elapsed() < Duration::from_secs(2) {
-        let claim = dcron::registry::Claim {
-            fire_time: fire,
-            node: "n".into(),
-            claimed_at: fire,
-        };
+        let claim = Claim::new(fire, "n", "n/1", fire);
         assert!(claimer.claim(&ns, "busy", &claim).await.expect("claim"));
         fire += 1_000;
     }
@@ -541,7 +667,7 @@ async fn datacenter_and_token_are_sent() {
 async fn unreachable_agent_errors_in_bounded_time() {
     conformance::init_tracing();
     // Nothing listens there (outside every test's port range).
-    let r = ConsulRegistry::builder("http://127.0.0.1:17999")
+    let r = ConsulRegistry::builder("http://127.0.0.1:31369")
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(2))
         .build()
@@ -559,7 +685,7 @@ async fn unreachable_agent_errors_in_bounded_time() {
     assert!(r.watch("ns").await.is_err());
     assert!(started.elapsed() < Duration::from_secs(6));
     // https without a TLS backend compiled in is an error, not a panic.
-    let tls = ConsulRegistry::new("https://127.0.0.1:17999").expect("build");
+    let tls = ConsulRegistry::new("https://127.0.0.1:31369").expect("build");
     assert!(tls.nodes("ns").await.is_err());
 }
 
@@ -617,7 +743,7 @@ async fn agent_restart_mid_run() {
         return; // no consul binary set up
     }
     conformance::init_tracing();
-    let mut agent = Agent::start("consul-restart", 17850, 17851);
+    let mut agent = Agent::start("consul-restart", 31350, 31351);
     let r = ConsulRegistry::builder(&agent.addr())
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(3))
@@ -640,15 +766,7 @@ async fn agent_restart_mid_run() {
     assert!(r.heartbeat(&ns, "node-a", ttl).await.is_err());
     assert!(r.nodes(&ns).await.is_err());
     assert!(r
-        .claim(
-            &ns,
-            "t",
-            &dcron::registry::Claim {
-                fire_time: 1,
-                node: "a".into(),
-                claimed_at: 1
-            }
-        )
+        .claim(&ns, "t", &Claim::new(1, "a", "a/1", 1))
         .await
         .is_err());
     assert!(
@@ -723,15 +841,7 @@ async fn agent_restart_mid_run() {
     )
     .await;
     assert!(r
-        .claim(
-            &ns,
-            "t",
-            &dcron::registry::Claim {
-                fire_time: 1,
-                node: "a".into(),
-                claimed_at: 1
-            }
-        )
+        .claim(&ns, "t", &Claim::new(1, "a", "a/1", 1))
         .await
         .expect("claim"));
 }
@@ -854,7 +964,7 @@ async fn node_survives_an_agent_restart() {
         return;
     }
     conformance::init_tracing();
-    let mut agent = Agent::start("consul-node-restart", 17860, 17861);
+    let mut agent = Agent::start("consul-node-restart", 31360, 31361);
     let ns = fresh_ns("consul-node-restart");
     let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
     let n = consul_node(&agent.addr(), &ns, "node-a", ran.clone()).await;
@@ -901,11 +1011,7 @@ async fn claim_throughput() {
     let Some(h) = harness() else { return };
     let r = h.client();
     let ns = fresh_ns("consul-bench");
-    let claim = |t: i64| dcron::registry::Claim {
-        fire_time: t,
-        node: "bench".into(),
-        claimed_at: t,
-    };
+    let claim = |t: i64| Claim::new(t, "bench", "bench/1", t);
     // Sequential claims of one task, each a new fire time.
     let n = 2_000;
     let started = Instant::now();
@@ -924,11 +1030,8 @@ async fn claim_throughput() {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let started = Instant::now();
         for round in 0..rounds {
-            let won = r
-                .claim_many(&ns, &names, &claim(10_000 + round))
-                .await
-                .expect("claim_many");
-            assert!(won.iter().all(|w| *w));
+            let won = r.claim_many(&ns, &names, &claim(10_000 + round)).await;
+            assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
         }
         let secs = started.elapsed().as_secs_f64();
         let total = rounds as usize * size;
@@ -938,11 +1041,11 @@ async fn claim_throughput() {
         );
         // Lost claims (already claimed): reads only.
         let started = Instant::now();
-        let won = r
-            .claim_many(&ns, &names, &claim(10_000))
-            .await
-            .expect("claim_many");
-        assert!(won.iter().all(|w| !*w));
+        let won = r.claim_many(&ns, &names, &claim(10_000)).await;
+        assert!(
+            won.iter().all(|o| matches!(o, ClaimOutcome::Lost)),
+            "{won:?}"
+        );
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
             "consul claim_many ({size} tasks per call), all lost: {:.0} claims/s",

@@ -1,6 +1,6 @@
 //! The Redis registry against the conformance suite and the cluster tests,
 //! plus Redis-specific and fault tests; those that restart a server start
-//! their own throw-away `redis-server` (ports 17200-17299).
+//! their own throw-away `redis-server` (ports 31200-31299).
 #![cfg(feature = "redis")]
 
 mod cluster;
@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcron::registry::{Claim, RawKind, RedisRegistry, Registry, WatchEvent, WatchReceiver};
+use dcron::registry::{
+    Claim, ClaimOutcome, RawKind, RedisRegistry, Registry, WatchEvent, WatchReceiver,
+};
 use dcron::{Dcron, Error, NodeStatus, Strategy, TaskContext, TaskMeta};
 use tokio::time::Instant;
 
@@ -112,11 +114,7 @@ conformance::suite!(harness!());
 cluster::suite!(harness!());
 
 fn claim(fire_time: i64, node: &str) -> Claim {
-    Claim {
-        fire_time,
-        node: node.to_string(),
-        claimed_at: fire_time + 1,
-    }
+    Claim::new(fire_time, node, &format!("{node}/1"), fire_time + 1)
 }
 
 fn node(id: &str) -> dcron::Node {
@@ -175,7 +173,7 @@ async fn unreachable_server_fails_fast_with_a_clear_error() {
     conformance::init_tracing();
     // Nothing listens on this port (in our range, never started).
     let started = Instant::now();
-    let err = RedisRegistry::builder("redis://dcron:hunter2@127.0.0.1:17299/3")
+    let err = RedisRegistry::builder("redis://dcron:hunter2@127.0.0.1:31299/3")
         .connect_timeout(Duration::from_millis(500))
         .retries(2)
         .connect()
@@ -184,7 +182,7 @@ async fn unreachable_server_fails_fast_with_a_clear_error() {
     let took = started.elapsed();
     let text = format!("{err} / {err:?}");
     assert!(
-        text.contains("127.0.0.1:17299"),
+        text.contains("127.0.0.1:31299"),
         "error names the address: {text}"
     );
     assert!(
@@ -205,7 +203,7 @@ async fn unreachable_server_fails_fast_with_a_clear_error() {
         }
     }
     // rediss:// without one of redis's TLS features: a clear config error.
-    match RedisRegistry::connect("rediss://:hunter2@127.0.0.1:17299").await {
+    match RedisRegistry::connect("rediss://:hunter2@127.0.0.1:31299").await {
         Err(Error::InvalidConfig(msg)) => {
             assert!(msg.contains("TLS"), "{msg}");
             assert!(!msg.contains("hunter2"), "{msg}");
@@ -214,11 +212,11 @@ async fn unreachable_server_fails_fast_with_a_clear_error() {
             // Built with a TLS feature (feature unification): it still fails fast.
             assert!(!other.to_string().contains("hunter2"), "{other}");
         }
-        Ok(_) => panic!("nothing listens on 17299"),
+        Ok(_) => panic!("nothing listens on 31299"),
     }
     let debug = format!(
         "{:?}",
-        RedisRegistry::builder("redis://:hunter2@127.0.0.1:17299")
+        RedisRegistry::builder("redis://:hunter2@127.0.0.1:31299")
     );
     assert!(!debug.contains("hunter2"), "{debug}");
 }
@@ -547,7 +545,7 @@ async fn ten_thousand_tasks_reach_every_watcher() {
 }
 
 // ---------------------------------------------------------------------------
-// Fault tests on throw-away servers (ports 17200-17299).
+// Fault tests on throw-away servers (ports 31200-31299).
 
 /// A throw-away `redis-server` on `port`, restartable on the same port with
 /// empty data (no persistence).
@@ -613,7 +611,7 @@ async fn server_restart_errors_then_recovers() {
     if support::service_env("DCRON_REDIS_URL").is_none() {
         return;
     }
-    let mut server = Throwaway::start("redis-restart", 17210);
+    let mut server = Throwaway::start("redis-restart", 31210);
     let ns = fresh_ns("restart");
     let r = server.registry().await;
     let watcher = server.registry().await;
@@ -655,7 +653,7 @@ async fn server_restart_errors_then_recovers() {
         assert!(took < bound * 4, "calls while down took {took:?}");
     }
     let err = r.nodes(&ns).await.expect_err("down");
-    assert!(err.to_string().contains("127.0.0.1:17210"), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:31210"), "{err}");
 
     server.restart();
     let restarted = Instant::now();
@@ -702,7 +700,7 @@ async fn watch_survives_a_long_outage() {
     if support::service_env("DCRON_REDIS_URL").is_none() {
         return;
     }
-    let mut server = Throwaway::start("redis-outage", 17220);
+    let mut server = Throwaway::start("redis-outage", 31220);
     let ns = fresh_ns("outage");
     let r = server.registry().await;
     let mut rx = r.watch(&ns).await.expect("watch");
@@ -819,7 +817,7 @@ async fn node_reregisters_and_resumes_after_a_redis_restart() {
     if support::service_env("DCRON_REDIS_URL").is_none() {
         return;
     }
-    let mut server = Throwaway::start("redis-node-restart", 17230);
+    let mut server = Throwaway::start("redis-node-restart", 31230);
     let ns = fresh_ns("node-restart");
     let ledger = Ledger::default();
     let registry = server.registry().await;
@@ -974,6 +972,133 @@ async fn crashed_node_fails_over_with_default_timing() {
 }
 
 // ---------------------------------------------------------------------------
+// Claims.
+
+/// Watermarks written by older versions (no token) are never "ours", a
+/// token of the wrong type makes a watermark corrupt (skipped, overwritten),
+/// and a claim without a token is not idempotent.
+async fn tokenless_and_odd_watermarks(h: &impl conformance::Harness) {
+    let r = h.registry().await;
+    let ns = fresh_ns("claim-tokens");
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "legacy",
+        br#"{"fire_time":5000,"node":"me","claimed_at":1}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(stored.len(), 1, "a watermark without a token decodes");
+    assert!(stored[0].1.token.is_empty());
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "me/1", 5_001))
+        .await
+        .expect("same fire time over a tokenless watermark"));
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "", 5_001))
+        .await
+        .expect("an empty token is never ours"));
+    assert!(r
+        .claim(&ns, "legacy", &Claim::new(6_000, "me", "me/1", 6_001))
+        .await
+        .expect("newer"));
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "bad-token",
+        br#"{"fire_time":9000,"node":"x","claimed_at":1,"token":7}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(
+        stored.len(),
+        1,
+        "a watermark with a non-string token is corrupt"
+    );
+    assert!(r
+        .claim(&ns, "bad-token", &Claim::new(1_000, "me", "me/1", 1_001))
+        .await
+        .expect("claim over a corrupt watermark"));
+    let tokenless = Claim::new(7_000, "me", "", 7_001);
+    assert!(r.claim(&ns, "plain", &tokenless).await.expect("claim"));
+    assert!(!r
+        .claim(&ns, "plain", &tokenless)
+        .await
+        .expect("no token, no idempotency"));
+    let stored: std::collections::BTreeMap<String, Claim> =
+        r.claims(&ns).await.expect("claims").into_iter().collect();
+    assert_eq!(
+        stored["plain"], tokenless,
+        "an empty token is stored as none"
+    );
+    r.clear(&ns).await.expect("clear");
+}
+
+/// A batch spanning several script calls / transactions: every outcome is
+/// in its task's position (fresh, already ours, someone else's).
+async fn large_batch_outcomes_in_order(h: &impl conformance::Harness, size: usize) {
+    let r = h.registry().await;
+    let other = h.registry().await;
+    let ns = fresh_ns("claim-batch-order");
+    let names: Vec<String> = (0..size).map(|i| format!("task-{i:05}")).collect();
+    let theirs: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i.is_multiple_of(7))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    let ours: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !i.is_multiple_of(7) && i.is_multiple_of(11))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    let mine = Claim::new(50_000, "me", "me/1", 50_001);
+    let rival = Claim::new(50_000, "rival", "rival/1", 50_002);
+    let pre = other.claim_many(&ns, &theirs, &rival).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let pre = r.claim_many(&ns, &ours, &mine).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let got = r.claim_many(&ns, &refs, &mine).await;
+    assert_eq!(got.len(), size);
+    for (i, outcome) in got.iter().enumerate() {
+        let want_won = !i.is_multiple_of(7);
+        assert_eq!(
+            (outcome.is_won(), matches!(outcome, ClaimOutcome::Failed(_))),
+            (want_won, false),
+            "task {i}: {outcome:?}"
+        );
+    }
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(stored.len(), size);
+    for (name, c) in &stored {
+        let i: usize = name["task-".len()..].parse().expect("index");
+        assert_eq!(
+            c.node,
+            if i.is_multiple_of(7) { "rival" } else { "me" },
+            "{name}"
+        );
+    }
+    r.clear(&ns).await.expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_without_tokens_and_with_odd_ones() {
+    conformance::init_tracing();
+    let h = harness!();
+    tokenless_and_odd_watermarks(&h).await;
+}
+
+/// 2,500 tasks: three script calls of up to 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_many_across_script_calls() {
+    conformance::init_tracing();
+    let h = harness!();
+    large_batch_outcomes_in_order(&h, 2_500).await;
+}
+
+// ---------------------------------------------------------------------------
 // Benchmark.
 
 /// Claim throughput against the shared server: `cargo test --release
@@ -1008,11 +1133,8 @@ async fn claim_throughput() {
 
     let started = Instant::now();
     for round in 0..ROUNDS {
-        let won = r
-            .claim_many(&ns, &refs, &claim(1_000 + round, "n"))
-            .await
-            .expect("claim_many");
-        assert!(won.iter().all(|w| *w));
+        let won = r.claim_many(&ns, &refs, &claim(1_000 + round, "n")).await;
+        assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
     }
     let batched = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
 
@@ -1020,9 +1142,10 @@ async fn claim_throughput() {
     let big_refs: Vec<&str> = big.iter().map(String::as_str).collect();
     let started = Instant::now();
     for round in 0..5 {
-        r.claim_many(&ns, &big_refs, &claim(5_000 + round, "n"))
-            .await
-            .expect("claim_many");
+        let won = r
+            .claim_many(&ns, &big_refs, &claim(5_000 + round, "n"))
+            .await;
+        assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
     }
     let batched_big = (5_000 * 5) as f64 / started.elapsed().as_secs_f64();
 

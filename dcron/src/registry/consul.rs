@@ -39,7 +39,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec;
-use super::{Claim, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use super::{
+    Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY,
+};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::task::TaskMeta;
@@ -811,21 +813,23 @@ impl Inner {
             .and_then(|e| e.holder()))
     }
 
-    /// One atomic watermark claim: read, compare, CAS on ModifyIndex; a lost
-    /// CAS means someone wrote in between, so read again.
+    /// One atomic watermark claim: read, decide with [`Claim::against`],
+    /// CAS on the read ModifyIndex. A lost CAS means someone wrote in
+    /// between, so read and decide again. Finding this very claim stored
+    /// (an earlier write whose answer was lost) answers won without writing,
+    /// so a caller retrying after an error gets the true answer.
     async fn claim_one(&self, key: &str, task: &str, claim: &Claim, value: &[u8]) -> Result<bool> {
         for _ in 0..CLAIM_ATTEMPTS {
-            let cas = match self.kv_get(key, "read claim").await? {
-                None => 0,
-                Some(entry) => {
-                    let stored = codec::decode_claim(BACKEND, task, &entry.bytes());
-                    if stored.is_some_and(|c| c.fire_time >= claim.fire_time) {
-                        return Ok(false);
-                    }
-                    entry.modify_index
-                }
-            };
-            let cas = cas.to_string();
+            let entry = self.kv_get(key, "read claim").await?;
+            let stored = entry
+                .as_ref()
+                .and_then(|e| codec::decode_claim(BACKEND, task, &e.bytes()));
+            match claim.against(stored.as_ref()) {
+                None => return Ok(true),
+                Some(false) => return Ok(false),
+                Some(true) => {}
+            }
+            let cas = entry.map_or(0, |e| e.modify_index).to_string();
             if self
                 .kv_put(key, &[("cas", &cas)], value.to_vec(), "write claim")
                 .await?
@@ -840,9 +844,10 @@ impl Inner {
     }
 }
 
-/// Runs `f` on every item, at most `limit` at once, and returns the results
-/// in order; the first error wins (no new item starts after it).
-async fn run_bounded<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Result<Vec<R>>
+/// Runs `f` on every item, at most `limit` at once, and returns one result
+/// per item, in order. After the first error no new item starts (the agent
+/// is likely unreachable): the items never started answer an error too.
+async fn run_bounded<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Vec<Result<R>>
 where
     T: Send + 'static,
     R: Send + 'static,
@@ -873,24 +878,31 @@ where
             done
         });
     }
-    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
-    let mut first_error = None;
+    let mut out: Vec<Option<Result<R>>> = (0..n).map(|_| None).collect();
+    let mut worker_error = None;
     while let Some(joined) = workers.join_next().await {
-        let done = joined.map_err(|e| Error::registry(BACKEND, "a request worker failed", e))?;
-        for (i, result) in done {
-            match result {
-                Ok(r) => out[i] = Some(r),
-                Err(err) => {
-                    first_error.get_or_insert(err);
+        match joined {
+            Ok(done) => {
+                for (i, result) in done {
+                    out[i] = Some(result);
                 }
             }
+            // A panicked worker: what it sent has no answer.
+            Err(err) => worker_error = Some(err.to_string()),
         }
     }
-    if let Some(err) = first_error {
-        return Err(err);
-    }
     out.into_iter()
-        .map(|r| r.ok_or_else(|| Error::registry_msg(BACKEND, "a request was not run")))
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Error::registry_msg(
+                    BACKEND,
+                    match &worker_error {
+                        Some(e) => format!("a request worker failed: {e}"),
+                        None => "request not sent: an earlier request of the batch failed".into(),
+                    },
+                ))
+            })
+        })
         .collect()
 }
 
@@ -1159,56 +1171,93 @@ impl Registry for ConsulRegistry {
     }
 
     /// Reads the stored watermarks (one recursive read for a large batch,
-    /// else concurrent point reads), then writes every claim that can win in
-    /// `/v1/txn` batches of CAS operations on the read ModifyIndex (one raft
-    /// write per batch). A batch that fails (someone wrote in between:
-    /// Consul then applies none of it) falls back to per-task
-    /// read-compare-CAS, so every answer is exact and each claim atomic.
-    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
+    /// else concurrent point reads) and decides each claim with
+    /// [`Claim::against`] (this very claim found stored is won, nothing
+    /// written). Then writes every claim that can win in `/v1/txn` batches
+    /// of CAS operations on the read ModifyIndex (one raft write per batch).
+    /// A batch that conflicts (someone wrote in between: Consul then applies
+    /// none of it) falls back to per-task read-decide-CAS, so every answer
+    /// is exact and each claim atomic. A failed read, batch or fallback
+    /// fails only the claims it left unanswered; a retry with the same
+    /// token re-reads, so a batch committed with its answer lost answers won.
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
         match tasks {
-            [] => return Ok(Vec::new()),
-            [task] => return Ok(vec![self.claim(ns, task, claim).await?]),
+            [] => return Vec::new(),
+            [task] => return vec![ClaimOutcome::from_result(self.claim(ns, task, claim).await)],
             _ => {}
         }
+        let n = tasks.len();
         let inner = &self.inner;
-        let prefix = prefix(ns, Kind::Claims)?;
-        let keys: Vec<String> = tasks
-            .iter()
-            .map(|t| key(ns, Kind::Claims, t))
-            .collect::<Result<_>>()?;
-        let stored: Vec<Option<KvEntry>> = if keys.len() >= RECURSIVE_READ_FROM {
-            let (_, entries) = inner.kv_list(&prefix, None, "read claims").await?;
-            let mut by_key: HashMap<String, KvEntry> =
-                entries.into_iter().map(|e| (e.key.clone(), e)).collect();
-            keys.iter().map(|k| by_key.remove(k)).collect()
-        } else {
-            let reader = inner.clone();
-            run_bounded(keys.clone(), CLAIM_CONCURRENCY, move |key| {
-                let inner = reader.clone();
-                async move { inner.kv_get(&key, "read claim").await }
-            })
-            .await?
-        };
-        let value = base64_encode(&codec::encode(claim));
-        let mut won = vec![false; tasks.len()];
-        // (position, compare-and-set index) of each claim that can win.
-        let mut candidates = Vec::new();
-        for (i, entry) in stored.iter().enumerate() {
-            match entry {
-                None => candidates.push((i, 0)),
-                Some(entry) => {
-                    let current = codec::decode_claim(BACKEND, tasks[i], &entry.bytes());
-                    if current.is_none_or(|c| c.fire_time < claim.fire_time) {
-                        candidates.push((i, entry.modify_index));
-                    }
+        let mut out: Vec<Option<ClaimOutcome>> = (0..n).map(|_| None).collect();
+        // Keys of the claims still open (an invalid name fails on its own).
+        let mut keys: Vec<String> = Vec::with_capacity(n);
+        for (i, task) in tasks.iter().enumerate() {
+            match key(ns, Kind::Claims, task) {
+                Ok(k) => keys.push(k),
+                Err(err) => {
+                    out[i] = Some(ClaimOutcome::Failed(err));
+                    keys.push(String::new());
                 }
             }
         }
+        let open: Vec<usize> = (0..n).filter(|&i| out[i].is_none()).collect();
+        // The stored entry of every open claim, or why it could not be read.
+        let stored: Vec<(usize, Result<Option<KvEntry>>)> = if open.len() >= RECURSIVE_READ_FROM {
+            let listed = match prefix(ns, Kind::Claims) {
+                Ok(prefix) => inner.kv_list(&prefix, None, "read claims").await,
+                Err(err) => Err(err),
+            };
+            match listed {
+                Ok((_, entries)) => {
+                    let mut by_key: HashMap<String, KvEntry> =
+                        entries.into_iter().map(|e| (e.key.clone(), e)).collect();
+                    open.iter()
+                        .map(|&i| (i, Ok(by_key.remove(&keys[i]))))
+                        .collect()
+                }
+                Err(err) => {
+                    let failed = ClaimOutcome::fail_all(open.len(), err);
+                    for (&i, outcome) in open.iter().zip(failed) {
+                        out[i] = Some(outcome);
+                    }
+                    Vec::new()
+                }
+            }
+        } else {
+            let reader = inner.clone();
+            let open_keys: Vec<String> = open.iter().map(|&i| keys[i].clone()).collect();
+            let read = run_bounded(open_keys, CLAIM_CONCURRENCY, move |key| {
+                let inner = reader.clone();
+                async move { inner.kv_get(&key, "read claim").await }
+            })
+            .await;
+            open.iter().copied().zip(read).collect()
+        };
+        // (position, compare-and-set index) of each claim that can win.
+        let mut candidates = Vec::new();
+        for (i, entry) in stored {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) => {
+                    out[i] = Some(ClaimOutcome::Failed(err));
+                    continue;
+                }
+            };
+            let current = entry
+                .as_ref()
+                .and_then(|e| codec::decode_claim(BACKEND, tasks[i], &e.bytes()));
+            match claim.against(current.as_ref()) {
+                None => out[i] = Some(ClaimOutcome::Won),
+                Some(false) => out[i] = Some(ClaimOutcome::Lost),
+                Some(true) => candidates.push((i, entry.map_or(0, |e| e.modify_index))),
+            }
+        }
+        let value = base64_encode(&codec::encode(claim));
         let batches: Vec<Vec<(usize, u64)>> =
             candidates.chunks(TXN_MAX_OPS).map(<[_]>::to_vec).collect();
-        let (writer, keys) = (inner.clone(), Arc::new(keys));
-        let batch_keys = keys.clone();
-        let committed = run_bounded(batches, TXN_CONCURRENCY, move |batch| {
+        let keys = Arc::new(keys);
+        let (writer, batch_keys) = (inner.clone(), keys.clone());
+        let committed = run_bounded(batches.clone(), TXN_CONCURRENCY, move |batch| {
             let (inner, keys, value) = (writer.clone(), batch_keys.clone(), value.clone());
             async move {
                 let ops: Vec<serde_json::Value> = batch
@@ -1217,25 +1266,30 @@ impl Registry for ConsulRegistry {
                         serde_json::json!({"KV": {"Verb": "cas", "Key": keys[i], "Value": value, "Index": index}})
                     })
                     .collect();
-                let ok = inner.txn(serde_json::Value::Array(ops), "write claims").await?;
-                Ok((batch, ok))
+                inner.txn(serde_json::Value::Array(ops), "write claims").await
             }
         })
-        .await?;
+        .await;
         let mut conflicted = Vec::new();
-        for (batch, ok) in committed {
-            for (i, _) in batch {
-                if ok {
-                    won[i] = true;
-                } else {
-                    conflicted.push(i);
+        for (batch, result) in batches.into_iter().zip(committed) {
+            match result {
+                Ok(true) => {
+                    for (i, _) in batch {
+                        out[i] = Some(ClaimOutcome::Won);
+                    }
+                }
+                Ok(false) => conflicted.extend(batch.into_iter().map(|(i, _)| i)),
+                Err(err) => {
+                    let failed = ClaimOutcome::fail_all(batch.len(), err);
+                    for ((i, _), outcome) in batch.into_iter().zip(failed) {
+                        out[i] = Some(outcome);
+                    }
                 }
             }
         }
         if !conflicted.is_empty() {
-            let (retry, keys, names) = (
+            let (retry, names) = (
                 inner.clone(),
-                keys.clone(),
                 Arc::new(tasks.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
             );
             let (claim, value) = (Arc::new(claim.clone()), Arc::new(codec::encode(claim)));
@@ -1249,12 +1303,18 @@ impl Registry for ConsulRegistry {
                 );
                 async move { inner.claim_one(&keys[i], &names[i], &claim, &value).await }
             })
-            .await?;
-            for (i, w) in conflicted.into_iter().zip(results) {
-                won[i] = w;
+            .await;
+            for (i, result) in conflicted.into_iter().zip(results) {
+                out[i] = Some(ClaimOutcome::from_result(result));
             }
         }
-        Ok(won)
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    ClaimOutcome::Failed(Error::registry_msg(BACKEND, "claim left unanswered"))
+                })
+            })
+            .collect()
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {

@@ -76,9 +76,12 @@
 //!   expiry, at a cost of about one cheap script call per watcher per node
 //!   TTL.
 //! * **Claims** are one Lua script: read the stored watermark, decode it with
-//!   `cjson`, store the new claim if the stored fire time is older (or the
-//!   value is absent or corrupt). `claim_many` sends up to 1000 tasks per
-//!   script call, each claim atomic on its own.
+//!   `cjson`, answer won without writing if it is this very claim (same fire
+//!   time and token), else store the new claim if the stored fire time is
+//!   older (or the value is absent or corrupt). Being idempotent, a claim
+//!   script is retried once after a dropped connection. `claim_many` sends
+//!   up to 1000 tasks per script call, each claim atomic on its own; a
+//!   failed call fails only its own claims (and the calls not yet sent).
 //! * **Change feed**: every write script publishes a small message
 //!   (`task-put <name>`, `node-delete <id>`, ...) in the same atomic step as
 //!   the write. A watch has its own RESP3 connection subscribed to the
@@ -93,7 +96,8 @@
 //!   and every call is bounded again by the request timeout. While the
 //!   server is down, calls fail within that bound; once it is back, the
 //!   manager reconnects on the next call. Idempotent calls are retried once
-//!   after a dropped connection; claims and create-only writes never are.
+//!   after a dropped connection, claims with a token too (they are
+//!   idempotent); create-only writes never are.
 //! * **Reads of large sets** use `HSCAN` with a cursor (1000 per round
 //!   trip), deduplicated, so 10,000 tasks are a handful of round trips and
 //!   never one huge blocking reply.
@@ -112,7 +116,9 @@ use tokio::sync::mpsc::{self, error::TrySendError, UnboundedReceiver};
 use tokio::time::Instant;
 
 use super::codec;
-use super::{Claim, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use super::{
+    Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY,
+};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::task::{validate_task_name, TaskMeta};
@@ -315,9 +321,12 @@ return removed
     )
 });
 
-/// KEYS[1] = claims; ARGV[1] = fire time, ARGV[2] = claim JSON, ARGV[3..] =
-/// task names. Returns one 0/1 per task. A stored value that is not a
-/// claim (as dcron would decode it) counts as absent.
+/// KEYS[1] = claims; ARGV[1] = fire time, ARGV[2] = claim JSON, ARGV[3] =
+/// claim token, ARGV[4..] = task names. Returns one 0/1 per task: 1 if the
+/// claim was stored, or is already stored (same fire time and non-empty
+/// token: a retry after a lost answer, nothing written); 0 if the stored
+/// watermark is as new or newer. A stored value that is not a claim (as
+/// dcron would decode it) counts as absent.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -325,18 +334,24 @@ local function int(v)
   return type(v) == 'number' and v == math.floor(v) and v > -9.2e18 and v < 9.2e18
 end
 local ft = tonumber(ARGV[1])
+local token = ARGV[3]
 local out = {}
-for i = 3, #ARGV do
-  local won = 1
+for i = 4, #ARGV do
+  local won, write = 1, true
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if cur then
     local ok, c = pcall(cjson.decode, cur)
     if ok and type(c) == 'table' and int(c.fire_time) and int(c.claimed_at)
-        and type(c.node) == 'string' and c.fire_time >= ft then
-      won = 0
+        and type(c.node) == 'string'
+        and (c.token == nil or type(c.token) == 'string') then
+      if token ~= '' and c.fire_time == ft and c.token == token then
+        write = false
+      elseif c.fire_time >= ft then
+        won, write = 0, false
+      end
     end
   end
-  if won == 1 then redis.call('HSET', KEYS[1], ARGV[i], ARGV[2]) end
+  if write then redis.call('HSET', KEYS[1], ARGV[i], ARGV[2]) end
   out[#out + 1] = won
 end
 return out
@@ -817,15 +832,20 @@ impl RedisRegistry {
         }
     }
 
+    /// One script call for `tasks`, each claim atomic on its own. With a
+    /// token the script is idempotent, so it is retried once after a
+    /// dropped connection (a run whose answer was lost answers won again).
     async fn claim_chunk(&self, keys: &Keys, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
         let mut inv = CLAIM.prepare_invoke();
         inv.key(&keys.claims)
             .arg(claim.fire_time)
-            .arg(codec::encode(claim));
+            .arg(codec::encode(claim))
+            .arg(&claim.token);
         for task in tasks {
             inv.arg(*task);
         }
-        let won: Vec<i64> = self.query("claim", false, Req::Script(inv)).await?;
+        let idempotent = !claim.token.is_empty();
+        let won: Vec<i64> = self.query("claim", idempotent, Req::Script(inv)).await?;
         if won.len() != tasks.len() {
             return Err(Error::registry_msg(
                 BACKEND,
@@ -975,13 +995,32 @@ impl Registry for RedisRegistry {
         Ok(won.first().copied().unwrap_or(false))
     }
 
-    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
+    /// One script call per chunk of `CLAIM_CHUNK` tasks. A chunk that
+    /// fails fails only its own claims and the chunks not sent after it
+    /// (the server is likely down); answered chunks keep their answers.
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
         let keys = Keys::new(ns, self.inner.db);
-        let mut won = Vec::with_capacity(tasks.len());
+        let mut out = Vec::with_capacity(tasks.len());
         for chunk in tasks.chunks(CLAIM_CHUNK) {
-            won.extend(self.claim_chunk(&keys, chunk, claim).await?);
+            match self.claim_chunk(&keys, chunk, claim).await {
+                Ok(won) => out.extend(won.into_iter().map(|w| ClaimOutcome::from_result(Ok(w)))),
+                Err(err) => {
+                    out.extend(ClaimOutcome::fail_all(chunk.len(), err));
+                    break;
+                }
+            }
         }
-        Ok(won)
+        let unsent = tasks.len() - out.len();
+        if unsent > 0 {
+            out.extend(ClaimOutcome::fail_all(
+                unsent,
+                Error::registry_msg(
+                    BACKEND,
+                    "claim not sent: an earlier chunk of the batch failed",
+                ),
+            ));
+        }
+        out
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
