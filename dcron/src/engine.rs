@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,10 +31,11 @@ use crate::task::{Task, TaskContext, TaskMeta, TaskResult};
 /// task still runs on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overlap {
-    /// Skip the new fire (its claim is not taken, so nobody runs it); the
-    /// skip is reported as a missed fire ([`MissReason::Overlap`]). Fires
-    /// that were claimed late (the registry was slow) and find the previous
-    /// run still going wait for it and run right after it, in order.
+    /// Skip the new fire while the previous run, started on time, still
+    /// goes (nobody runs it); the skip is reported as a missed fire
+    /// ([`MissReason::Overlap`]). A fire that finds a *late* run still going
+    /// (its claim was slow) waits for it and runs right after it, in order:
+    /// a registry stall never turns into skipped fires.
     #[default]
     Skip,
     /// Run it anyway, concurrently.
@@ -140,6 +141,9 @@ struct State {
     /// Claimed fires waiting for the previous run of the same task
     /// (`Overlap::Skip` after a late claim), by runnable.
     deferred: FxHashMap<usize, (Arc<Runnable>, VecDeque<i64>)>,
+    /// The latest won fire time of tasks that left this node recently (a
+    /// task coming back must not run a fire it already ran here).
+    recent_won: FxHashMap<String, i64>,
     generation: u64,
     stopped: bool,
 }
@@ -161,6 +165,13 @@ struct Runnable {
     running: AtomicUsize,
     /// Claimed fires of this task wait in `State::deferred`.
     deferred: std::sync::atomic::AtomicBool,
+    /// The latest fire time this node won for the task: claims are
+    /// idempotent per incarnation, so a second path to the same fire (a
+    /// catch-up racing the regular fire) must not run it again.
+    last_won: AtomicI64,
+    /// The latest run started late (after a slow claim): a fire that finds
+    /// it still going waits for it instead of being skipped.
+    started_late: std::sync::atomic::AtomicBool,
 }
 
 /// A fire waiting for its claim.
@@ -211,12 +222,18 @@ const PARTIAL_RETRY_PAUSE_MS: i64 = 50;
 const CHUNK: usize = 2048;
 /// Claim calls of one fire time in flight at once.
 const MAX_CLAIMS_IN_FLIGHT: usize = 4;
-/// A claim call not answered within this is treated as failed and retried
-/// (safe: claims are idempotent), so a registry that hangs during an
-/// election does not hold fires for a full client timeout.
-const CLAIM_DEADLINE: Duration = Duration::from_secs(3);
+/// A claim call not answered within its deadline is treated as failed and
+/// retried (safe: claims are idempotent), so a registry that hangs during an
+/// election does not hold fires for a full client timeout. The deadline is
+/// four times what the call should take, between these bounds, and grows
+/// with failures in a row (a registry that is merely slow gets time).
+const CLAIM_DEADLINE_MIN: Duration = Duration::from_millis(1_000);
+const CLAIM_DEADLINE_MAX: Duration = Duration::from_secs(5);
 /// Longest claim lead: claims are never taken further ahead than this.
 const MAX_LEAD_MS: i64 = 200;
+/// A run starting later than this after its fire time is "late": a fire
+/// finding it still going waits for it under `Overlap::Skip`.
+const LATE_RUN_MS: i64 = 250;
 /// Fires late by more than this are logged (WARN) when they run.
 const LATE_LOG_MS: i64 = 1_000;
 /// The late window is at least this long, even with `CatchUp::Skip`.
@@ -287,6 +304,8 @@ impl Engine {
         for name in &stale {
             st.remove(name);
         }
+        let horizon = now - 2 * self.late_window_ms();
+        st.recent_won.retain(|_, won| *won >= horizon);
         let mut added = Vec::new();
         let mut next_cache: FxHashMap<usize, Option<i64>> = FxHashMap::default();
         for job in jobs {
@@ -501,10 +520,6 @@ impl Engine {
                 missed.push((runnable, fire.fire_time, MissReason::NodeStalled));
                 continue;
             }
-            if self.cfg.overlap == Overlap::Skip && runnable.running.load(Ordering::Relaxed) > 0 {
-                missed.push((runnable, fire.fire_time, MissReason::Overlap));
-                continue;
-            }
             st.claims
                 .entry(fire.fire_time)
                 .or_default()
@@ -579,13 +594,14 @@ impl Engine {
         let names: Vec<&str> = group.iter().map(|p| p.runnable.meta.name.as_str()).collect();
         let started = std::time::Instant::now();
         let call = self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim);
-        let outcomes = match tokio::time::timeout(CLAIM_DEADLINE, call).await {
+        let deadline = self.claim_deadline(names.len());
+        let outcomes = match tokio::time::timeout(deadline, call).await {
             Ok(outcomes) => outcomes,
             Err(_) => ClaimOutcome::fail_all(
                 names.len(),
                 Error::Timeout {
                     what: "claiming fires".into(),
-                    after: CLAIM_DEADLINE,
+                    after: deadline,
                 },
             ),
         };
@@ -597,7 +613,14 @@ impl Engine {
         let mut outcomes = outcomes.into_iter();
         for pending in group {
             match outcomes.next() {
-                Some(ClaimOutcome::Won) => won.push(pending.runnable),
+                Some(ClaimOutcome::Won) => {
+                    let before = pending.runnable.last_won.fetch_max(fire_time, Ordering::SeqCst);
+                    if before < fire_time {
+                        won.push(pending.runnable);
+                    } else {
+                        tracing::debug!(task = %pending.runnable.meta.name, fire_time = %rfc3339(fire_time), "fire already won here; not running it again");
+                    }
+                }
                 Some(ClaimOutcome::Lost) => {}
                 Some(ClaimOutcome::Failed(err)) => {
                     last_err = Some(err);
@@ -613,7 +636,7 @@ impl Engine {
             }
         }
         if failed.is_empty() {
-            self.learn_claim_cost(started.elapsed(), won.len().max(1));
+            self.learn_claim_cost(started.elapsed(), total);
         }
         let answered = total - failed.len();
         self.settle_claims(fire_time, failed, answered, last_err);
@@ -679,8 +702,9 @@ impl Engine {
                 "fires running late (the registry was slow to answer their claims)"
             );
         }
+        let late = late > LATE_RUN_MS;
         for runnable in won {
-            self.dispatch(runnable, fire_time);
+            self.dispatch(runnable, fire_time, late);
         }
     }
 
@@ -721,6 +745,17 @@ impl Engine {
         }
     }
 
+    fn claim_deadline(&self, len: usize) -> Duration {
+        let expected_ns = self
+            .claim_ns
+            .load(Ordering::Relaxed)
+            .saturating_mul(len as u64)
+            .saturating_mul(4);
+        let failures = self.lock().claim_failures;
+        let base = Duration::from_nanos(expected_ns).max(CLAIM_DEADLINE_MIN);
+        (base * (1 + failures.min(4))).min(CLAIM_DEADLINE_MAX)
+    }
+
     fn learn_claim_cost(&self, took: Duration, claims: usize) {
         if claims == 0 {
             return;
@@ -736,9 +771,14 @@ impl Engine {
     /// Runs a won fire. The body is polled once right here: bodies that
     /// finish without waiting (the common case for short jobs) cost no
     /// task spawn; the others continue on their own tokio task.
-    fn dispatch(self: &Arc<Self>, r: &Arc<Runnable>, fire_time: i64) {
+    fn dispatch(self: &Arc<Self>, r: &Arc<Runnable>, fire_time: i64, late: bool) {
         if self.cfg.overlap == Overlap::Skip && r.running.load(Ordering::SeqCst) > 0 {
-            // Claimed late while the previous run still goes: run after it.
+            if !r.started_late.load(Ordering::SeqCst) {
+                // The previous run started on time and outlasts the period.
+                self.report_missed(&r.meta, fire_time, MissReason::Overlap);
+                return;
+            }
+            // The previous run was late (a slow claim): run after it.
             let mut st = self.lock();
             let key = Arc::as_ptr(r) as usize;
             st.deferred
@@ -752,6 +792,9 @@ impl Engine {
             // The previous run may have ended meanwhile.
             self.run_deferred(r);
             return;
+        }
+        if r.started_late.load(Ordering::Relaxed) != late {
+            r.started_late.store(late, Ordering::Relaxed);
         }
         let meta = &r.meta;
         if r.flagged {
@@ -889,7 +932,7 @@ impl Engine {
             next
         };
         if let Some(fire_time) = next {
-            self.dispatch(r, fire_time);
+            self.dispatch(r, fire_time, true);
             // The deferred fire counted as in flight until now.
             if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
                 self.idle.notify_waiters();
@@ -1009,6 +1052,10 @@ impl State {
 
     fn insert(&mut self, job: Job, next: Option<i64>) {
         self.generation += 1;
+        let last_won = self
+            .recent_won
+            .remove(job.meta.name.as_str())
+            .unwrap_or(i64::MIN);
         let name = Name(job.meta.clone());
         let flagged = job.meta.one_shot
             || job.meta.executed_and_cleanup
@@ -1019,6 +1066,8 @@ impl State {
             body: job.body,
             running: AtomicUsize::new(0),
             deferred: std::sync::atomic::AtomicBool::new(false),
+            last_won: AtomicI64::new(last_won),
+            started_late: std::sync::atomic::AtomicBool::new(false),
         });
         let entry = Entry {
             schedule: job.schedule,
@@ -1051,7 +1100,13 @@ impl State {
     fn remove(&mut self, name: &str) {
         if let Some(slot) = self.index.remove(name) {
             // Queued fires for this slot become stale (generation mismatch).
-            self.slots[slot as usize] = None;
+            if let Some(entry) = self.slots[slot as usize].take() {
+                let won = entry.runnable.last_won.load(Ordering::SeqCst);
+                if won != i64::MIN {
+                    // Kept for a while: the task may come back to this node.
+                    self.recent_won.insert(name.to_string(), won);
+                }
+            }
             self.free.push(slot);
         }
     }
@@ -1103,5 +1158,112 @@ impl State {
         }
         let wait = self.queue.keys().next().map(|due| due - horizon);
         (batch, wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::clock::TokioClock;
+    use crate::registry::{FaultRegistry, MemoryRegistry};
+
+    const START_MS: i64 = 1_800_000_000_000;
+
+    type Runs = Arc<StdMutex<Vec<i64>>>;
+
+    fn engine(registry: Arc<dyn Registry>, overlap: Overlap) -> Arc<Engine> {
+        let engine = Engine::new(EngineConfig {
+            registry,
+            ns: "engine-test".into(),
+            node_id: "n1".into(),
+            clock: Arc::new(TokioClock::starting_at(START_MS)),
+            overlap,
+            catch_up: CatchUp::default(),
+            error_handler: None,
+        });
+        engine.resume("n1/test");
+        engine
+    }
+
+    /// A job on every second whose body records its fire time and then
+    /// waits `busy`.
+    fn job(name: &str, runs: &Runs, busy: Duration) -> Job {
+        let runs = runs.clone();
+        let body = move |ctx: TaskContext| {
+            let runs = runs.clone();
+            async move {
+                runs.lock().unwrap().push(ctx.fire_time);
+                if !busy.is_zero() {
+                    tokio::time::sleep(busy).await;
+                }
+                Ok(())
+            }
+        };
+        Job {
+            meta: Arc::new(TaskMeta::new(name, "* * * * * *")),
+            schedule: Arc::new(Schedule::parse("* * * * * *", chrono_tz::UTC).unwrap()),
+            body: Arc::new(body),
+        }
+    }
+
+    async fn advance(ms: u64) {
+        for _ in 0..ms / 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A catch-up of a fire time that already ran here is answered "won"
+    /// by the idempotent claim, and still does not run a second time.
+    #[tokio::test(start_paused = true)]
+    async fn a_fire_runs_once_even_when_queued_twice() {
+        let runs: Runs = Arc::default();
+        let e = engine(Arc::new(MemoryRegistry::new()), Overlap::Allow);
+        e.set_jobs(vec![job("t", &runs, Duration::ZERO)]);
+        tokio::spawn(e.clone().run());
+        advance(2_500).await;
+        let first = runs.lock().unwrap()[0];
+        e.catch_up("t", first);
+        advance(1_000).await;
+        let runs = runs.lock().unwrap().clone();
+        assert_eq!(runs.iter().filter(|t| **t == first).count(), 1, "{runs:?}");
+        e.stop();
+    }
+
+    /// A 3 s claim stall: the fires of those seconds run after it, each
+    /// once and in order, although each run outlasts the gap between them
+    /// (`Skip` waits for late runs instead of skipping behind them).
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_backlog_runs_in_order_under_skip() {
+        let runs: Runs = Arc::default();
+        let faults = FaultRegistry::wrap(MemoryRegistry::new());
+        let e = engine(Arc::new(faults.clone()), Overlap::Skip);
+        e.set_jobs(vec![job("t", &runs, Duration::from_millis(300))]);
+        tokio::spawn(e.clone().run());
+        advance(1_500).await;
+        faults.stall_for(Duration::from_secs(3));
+        advance(6_000).await;
+        e.stop();
+        let runs = runs.lock().unwrap().clone();
+        let expected: Vec<i64> = (1..=7).map(|s| START_MS + s * 1000).collect();
+        assert_eq!(runs, expected);
+        assert_eq!(e.missed(), 0);
+    }
+
+    /// A run started on time that outlasts its period makes `Skip` skip the
+    /// next fire, and each skip is counted as missed.
+    #[tokio::test(start_paused = true)]
+    async fn skip_reports_a_fire_behind_a_long_run() {
+        let runs: Runs = Arc::default();
+        let e = engine(Arc::new(MemoryRegistry::new()), Overlap::Skip);
+        e.set_jobs(vec![job("t", &runs, Duration::from_millis(1_500))]);
+        tokio::spawn(e.clone().run());
+        advance(4_050).await;
+        e.stop();
+        let runs = runs.lock().unwrap().clone();
+        // 1 s runs, 2 s skipped (1 s still going), 3 s runs, 4 s skipped.
+        assert_eq!(runs, vec![START_MS + 1000, START_MS + 3000]);
+        assert_eq!(e.missed(), 2);
     }
 }
