@@ -96,9 +96,78 @@ impl Node {
             && *static_tasks == other.static_tasks
     }
 
+    /// Whether `other` is a record written by the same incarnation (the
+    /// same start of the same process) as this one.
+    ///
+    /// A node sets `create_time` at every start, unique within the process
+    /// (see `Dcron::start`), and keeps it while it runs (re-registrations
+    /// included); with `hostname` and `ip` it tells a node's own record
+    /// from one another process wrote under the same id. Two processes on
+    /// one host and address that start in the same millisecond look alike.
+    pub(crate) fn same_incarnation(&self, other: &Node) -> bool {
+        self.id == other.id && self.incarnation() == other.incarnation()
+    }
+
+    /// Orders the incarnations of one node id, older first: by
+    /// `create_time`, then host name, then address. Every process compares
+    /// the same stored values, so all agree on which of two is older,
+    /// whatever their clocks say.
+    pub(crate) fn is_older_than(&self, other: &Node) -> bool {
+        self.incarnation() < other.incarnation()
+    }
+
+    fn incarnation(&self) -> (i64, &str, &str) {
+        (self.create_time, &self.hostname, &self.ip)
+    }
+
     /// Whether this node defines the static task `name`.
     pub fn defines(&self, name: &str) -> bool {
         // Linear: records written by other programs may not be sorted.
         self.static_tasks.iter().any(|n| n == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(create_time: i64, hostname: &str) -> Node {
+        Node {
+            id: "n1".into(),
+            ip: "10.0.0.1".into(),
+            hostname: hostname.into(),
+            last_alive: 0,
+            create_time,
+            status: NodeStatus::Working,
+            weight: 1,
+            strategy: None,
+            dynamic_tasks: true,
+            static_tasks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn incarnations_tell_records_apart_and_agree_on_the_older() {
+        let mine = record(1_000, "a");
+        let mut rewritten = mine.clone();
+        rewritten.status = NodeStatus::Leaving;
+        rewritten.last_alive = 5_000;
+        rewritten.static_tasks = vec!["s".into()];
+        assert!(
+            mine.same_incarnation(&rewritten),
+            "a node's own record, rewritten"
+        );
+        let later = record(2_000, "a");
+        let elsewhere = record(1_000, "b");
+        for other in [&later, &elsewhere] {
+            assert!(!mine.same_incarnation(other));
+            // Both sides agree on which one is older.
+            assert!(mine.is_older_than(other) && !other.is_older_than(&mine));
+        }
+        let other_id = Node {
+            id: "n2".into(),
+            ..mine.clone()
+        };
+        assert!(!mine.same_incarnation(&other_id));
     }
 }

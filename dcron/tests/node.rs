@@ -431,3 +431,228 @@ async fn failed_reads_never_revive_a_tombstoned_task() {
         ledger.fires("victim")
     );
 }
+
+// ----- node id uniqueness ---------------------------------------------------
+
+/// A node on a short TTL (1.2 s, heartbeat 300 ms) defining the task `tick`.
+async fn id_node(registry: &MemoryRegistry, ns: &str, id: &str, ledger: &Ledger) -> Dcron {
+    let node = cluster::recording(Arc::new(registry.clone()), ns, id, ledger)
+        .node_ttl(Duration::from_millis(1200))
+        .heartbeat(Duration::from_millis(300))
+        .build()
+        .expect("node");
+    cluster::add_static(&node, &["tick".to_string()], "* * * * * *", ledger).await;
+    node
+}
+
+async fn listed(registry: &MemoryRegistry, ns: &str, id: &str) -> Option<dcron::Node> {
+    registry
+        .nodes(ns)
+        .await
+        .expect("nodes")
+        .into_iter()
+        .find(|n| n.id == id)
+}
+
+async fn ran_after(ledger: &Ledger, task: &str, since: i64) {
+    let (l, t) = (ledger.clone(), task.to_string());
+    eventually(
+        Duration::from_secs(5),
+        &format!("{task} to run again"),
+        || {
+            let (l, t) = (l.clone(), t.clone());
+            async move { l.fires(&t).iter().any(|f| *f > since) }
+        },
+    )
+    .await;
+}
+
+/// Keeps `node`'s registration alive, as the process owning it would.
+fn keep_alive(
+    registry: &MemoryRegistry,
+    ns: &str,
+    node: &dcron::Node,
+) -> tokio::task::JoinHandle<()> {
+    let (registry, ns, id) = (registry.clone(), ns.to_string(), node.id.clone());
+    tokio::spawn(async move {
+        loop {
+            let _ = registry
+                .heartbeat(&ns, &id, Duration::from_millis(1200))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_a_crash_waits_for_the_stale_record() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("crash-restart");
+    let ledger = Ledger::default();
+    let crashed = id_node(&registry, &ns, "n1", &ledger).await;
+    crashed.start().await.expect("start");
+    ran(&ledger, "tick").await;
+    // Its record stays until the TTL runs out (0.9-1.2 s from now).
+    crashed.kill().await;
+    let killed = tokio::time::Instant::now();
+    // The supervisor starts a new process with the same id right away.
+    let restarted = id_node(&registry, &ns, "n1", &ledger).await;
+    restarted.start().await.expect("start after the crash");
+    let waited = killed.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700) && waited <= Duration::from_millis(2900),
+        "waited {waited:?} for the stale record"
+    );
+    let since = now_ms();
+    ran_after(&ledger, "tick", since).await;
+    restarted.stop().await.expect("stop");
+    ledger.assert_no_duplicates();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_handle_restarts_at_once_after_a_crash() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("handle-restart");
+    let ledger = Ledger::default();
+    let node = id_node(&registry, &ns, "n1", &ledger).await;
+    node.start().await.expect("start");
+    let first = listed(&registry, &ns, "n1").await.expect("listed");
+    node.kill().await;
+    let asked = tokio::time::Instant::now();
+    node.start().await.expect("restart");
+    let took = asked.elapsed();
+    assert!(took < Duration::from_millis(500), "restart waited {took:?}");
+    let again = listed(&registry, &ns, "n1").await.expect("listed");
+    assert!(again.create_time > first.create_time, "{again:?}");
+    ran_after(&ledger, "tick", now_ms()).await;
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_process_on_the_same_id_is_overruled() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("newer-id");
+    let ledger = Ledger::default();
+    let node = id_node(&registry, &ns, "n1", &ledger).await;
+    node.start().await.expect("start");
+    ran(&ledger, "tick").await;
+    let mine = listed(&registry, &ns, "n1").await.expect("listed");
+    // Another process registers the same id in a race, after this one.
+    let mut newer = mine.clone();
+    newer.create_time += 1_000;
+    newer.hostname = "other-host".into();
+    registry
+        .register(&ns, &newer, Duration::from_millis(1200))
+        .await
+        .expect("register the newer one");
+    let other = keep_alive(&registry, &ns, &newer);
+    eventually(
+        Duration::from_secs(2),
+        "the node to take its id back",
+        || async {
+            listed(&registry, &ns, "n1")
+                .await
+                .is_some_and(|n| n.create_time == mine.create_time && n.hostname == mine.hostname)
+        },
+    )
+    .await;
+    other.abort();
+    assert!(node.is_running().await);
+    assert_eq!(node.my_running_tasks(), ["tick"]);
+    ran_after(&ledger, "tick", now_ms()).await;
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_process_on_the_same_id_makes_the_node_stand_down() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("older-id");
+    let ledger = Ledger::default();
+    let node = id_node(&registry, &ns, "n1", &ledger).await;
+    node.start().await.expect("start");
+    ran(&ledger, "tick").await;
+    let mine = listed(&registry, &ns, "n1").await.expect("listed");
+    // Another process, started before this one, registers the id again
+    // (say its registration had been lost meanwhile).
+    let mut older = mine.clone();
+    older.create_time -= 1_000;
+    older.hostname = "other-host".into();
+    registry
+        .register(&ns, &older, Duration::from_millis(1200))
+        .await
+        .expect("register the older one");
+    let other = keep_alive(&registry, &ns, &older);
+    eventually(Duration::from_secs(2), "the node to stand down", || async {
+        !node.is_running().await
+    })
+    .await;
+    let stood_down = now_ms();
+    assert!(node.my_running_tasks().is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        ledger.fires("tick").iter().all(|f| *f <= stood_down),
+        "fires after standing down: {:?}",
+        ledger.fires("tick")
+    );
+    // It leaves the other process's registration alone, stop included.
+    assert!(matches!(node.stop().await, Err(Error::NotRunning)));
+    let held = listed(&registry, &ns, "n1").await.expect("still listed");
+    assert_eq!(
+        (held.create_time, held.hostname.as_str()),
+        (older.create_time, "other-host")
+    );
+    // Once the id is free, the node starts again.
+    other.abort();
+    registry.unregister(&ns, "n1").await.expect("unregister");
+    node.start().await.expect("start again");
+    ran_after(&ledger, "tick", now_ms()).await;
+    node.stop().await.expect("stop");
+    ledger.assert_no_duplicates();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_on_the_same_id_is_waited_for() {
+    conformance::init_tracing();
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("leaving-id");
+    let ledger = Ledger::default();
+    let old = id_node(&registry, &ns, "n1", &ledger).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    old.add_func("slow", "* * * * * *", move |_ctx: TaskContext| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(())
+        }
+    })
+    .await
+    .expect("add slow");
+    old.start().await.expect("start the old one");
+    eventually(Duration::from_secs(5), "a slow run", || async {
+        started.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // The old process stops: `leaving`, then drains its slow run.
+    let stopping = {
+        let old = old.clone();
+        tokio::spawn(async move { old.stop().await })
+    };
+    eventually(Duration::from_secs(2), "the old one to leave", || async {
+        listed(&registry, &ns, "n1")
+            .await
+            .is_some_and(|n| n.status == dcron::NodeStatus::Leaving)
+    })
+    .await;
+    let new = id_node(&registry, &ns, "n1", &ledger).await;
+    new.start().await.expect("start while the old one drains");
+    stopping.await.expect("join").expect("stop the old one");
+    ran_after(&ledger, "tick", now_ms()).await;
+    new.stop().await.expect("stop the new one");
+    ledger.assert_no_duplicates();
+}

@@ -36,6 +36,8 @@ macro_rules! suite {
                 lost_answers_and_split_batches_lose_nothing,
                 claim_outage_retries_in_order,
                 long_outage_reports_every_missed_fire,
+                node_id_in_use_is_refused_until_freed,
+                unreadable_own_record_is_rewritten,
             );
         }
     };
@@ -513,5 +515,139 @@ pub async fn dynamic_task_runs_on_its_owner(h: &impl Harness) {
         {
             assert_eq!(run.node, owners[t], "{t} ran off its owner");
         }
+    }
+}
+
+/// The record listed under `id`, if any (undecodable ones are not listed).
+async fn listed(r: &Arc<dyn Registry>, ns: &str, id: &str) -> Option<dcron::Node> {
+    r.nodes(ns)
+        .await
+        .expect("nodes")
+        .into_iter()
+        .find(|n| n.id == id)
+}
+
+/// Waits until every task of `tasks` ran at a fire time after `since`.
+async fn fired_after(ledger: &Ledger, tasks: &[String], since: i64, within: Duration) {
+    let (l, all) = (ledger.clone(), tasks.to_vec());
+    eventually(within, "fires of every task", || {
+        let (l, all) = (l.clone(), all.clone());
+        async move { all.iter().all(|t| l.fires(t).iter().any(|f| *f > since)) }
+    })
+    .await;
+}
+
+pub async fn node_id_in_use_is_refused_until_freed(h: &impl Harness) {
+    let ns = fresh_ns("cluster-node-id");
+    let ledger = Ledger::default();
+    let tasks = names("id", 3);
+    let ttl = h.short_ttl();
+    let first = node(h, &ns, "node-a", &ledger).await;
+    add_static(&first, &tasks, EVERY_SECOND, &ledger).await;
+    first.start().await.expect("start the first");
+    settled(std::slice::from_ref(&first), &tasks).await;
+    let r = h.registry().await;
+    let held = listed(&r, &ns, "node-a")
+        .await
+        .expect("the first is listed");
+
+    // A second process with the same id, on its own registry client.
+    let second = node(h, &ns, "node-a", &ledger).await;
+    add_static(&second, &tasks, EVERY_SECOND, &ledger).await;
+    let asked = tokio::time::Instant::now();
+    match second.start().await {
+        Err(Error::NodeIdInUse(id)) => assert_eq!(id, "node-a"),
+        other => panic!("expected NodeIdInUse, got {other:?}"),
+    }
+    let took = asked.elapsed();
+    tracing::info!(?took, "second start with the same node id refused");
+    // It waits at most two TTLs for a stale record to expire.
+    assert!(
+        took <= ttl * 2 + Duration::from_secs(5),
+        "refused only after {took:?}"
+    );
+    assert!(!second.is_running().await);
+    assert!(second.my_running_tasks().is_empty());
+
+    // The first one did not notice: same record, same tasks, still firing.
+    let now = listed(&r, &ns, "node-a")
+        .await
+        .expect("the first is still listed");
+    assert_eq!(
+        now.create_time, held.create_time,
+        "the refused start touched the record"
+    );
+    assert_eq!(now.hostname, held.hostname);
+    assert!(first.is_running().await);
+    assert_eq!(first.my_running_tasks(), tasks);
+    fired_after(&ledger, &tasks, now_ms(), Duration::from_secs(5)).await;
+
+    // Once the first stops, the id is free: the second starts at once.
+    first.stop().await.expect("stop the first");
+    let asked = tokio::time::Instant::now();
+    second.start().await.expect("start once the id is free");
+    let took = asked.elapsed();
+    assert!(took < ttl, "the second start waited {took:?} for a free id");
+    settled(std::slice::from_ref(&second), &tasks).await;
+    let mine = listed(&r, &ns, "node-a")
+        .await
+        .expect("the second is listed");
+    assert!(
+        mine.create_time > held.create_time,
+        "the second's own record: {mine:?}"
+    );
+    fired_after(&ledger, &tasks, now_ms(), Duration::from_secs(5)).await;
+    second.stop().await.expect("stop the second");
+    ledger.assert_no_duplicates();
+}
+
+pub async fn unreadable_own_record_is_rewritten(h: &impl Harness) {
+    let ns = fresh_ns("cluster-own-record");
+    let ledger = Ledger::default();
+    let tasks = names("own", 3);
+    let heartbeat = h.short_ttl() / 4; // as `node` sets it
+    let n = node(h, &ns, "node-a", &ledger).await;
+    add_static(&n, &tasks, EVERY_SECOND, &ledger).await;
+    n.start().await.expect("start");
+    settled(std::slice::from_ref(&n), &tasks).await;
+    let r = h.registry().await;
+    let before = listed(&r, &ns, "node-a").await.expect("listed");
+    fired_after(&ledger, &tasks, now_ms(), Duration::from_secs(5)).await;
+
+    // Another program overwrites the record; the registration stays.
+    let written_ms = now_ms();
+    let written = tokio::time::Instant::now();
+    h.write_raw(
+        &ns,
+        dcron::registry::RawKind::Node,
+        "node-a",
+        b"\x00{not a node record",
+    )
+    .await;
+    let bound = heartbeat * 2 + Duration::from_secs(2);
+    eventually(bound, "the node to rewrite its record", || async {
+        listed(&r, &ns, "node-a").await.is_some()
+    })
+    .await;
+    tracing::info!(took = ?written.elapsed(), "own record rewritten");
+    let after = listed(&r, &ns, "node-a").await.expect("listed again");
+    assert_eq!(
+        after.create_time, before.create_time,
+        "not the node's own record: {after:?}"
+    );
+    assert_eq!(after.status, dcron::NodeStatus::Working);
+    assert_eq!(after.static_tasks, tasks);
+
+    // Well past a reload of the view (2 s), the node still owns and runs
+    // every task, without a gap.
+    let steady = written_ms + (heartbeat * 2).as_millis() as i64 + 1000;
+    until(steady + 4500).await;
+    let to = now_ms() - 1000;
+    assert!(n.is_running().await);
+    assert_eq!(n.my_running_tasks(), tasks);
+    n.stop().await.expect("stop");
+    ledger.assert_no_duplicates();
+    for t in &tasks {
+        ledger.assert_contiguous(t, steady, to);
     }
 }
