@@ -278,10 +278,20 @@ impl Config {
         let catch_up = match self.catch_up.as_deref().map(str::trim) {
             None => None,
             Some("off" | "skip" | "none") => Some(CatchUp::Skip),
-            Some(window) => Some(CatchUp::RunLatest {
-                window: parse_duration(window)
-                    .map_err(|e| CliError::invalid(format!("catch_up: {e} or \"off\"")))?,
-            }),
+            Some(spec) => {
+                let (latest, window) = match spec.strip_prefix("latest ") {
+                    Some(window) => (true, window.trim()),
+                    None => (false, spec),
+                };
+                let window = parse_duration(window).map_err(|e| {
+                    CliError::invalid(format!("catch_up: {e}, \"latest DURATION\" or \"off\""))
+                })?;
+                Some(if latest {
+                    CatchUp::RunLatest { window }
+                } else {
+                    CatchUp::RunAll { window }
+                })
+            }
         };
         let overlap = match self.overlap.as_deref().map(str::trim) {
             None | Some("skip") => Overlap::Skip,
@@ -419,7 +429,7 @@ env = { LANG = "C" }
         assert_eq!(c.node_ttl, Some(Duration::from_secs(10)));
         assert_eq!(
             c.catch_up,
-            Some(CatchUp::RunLatest {
+            Some(CatchUp::RunAll {
                 window: Duration::from_secs(300)
             })
         );

@@ -661,6 +661,16 @@ impl Inner {
                 st.view.nodes.insert(node.id.clone(), node);
                 ev.map(Event::Node)
             }
+            // A working node never drops itself from its own view: if the
+            // registry expired it (an outage longer than the TTL), the
+            // heartbeat re-registers it, and meanwhile it keeps its tasks
+            // (others may take them too; claims keep each fire single).
+            WatchEvent::NodeDelete(id)
+                if id == st.me.id && st.me.status == NodeStatus::Working =>
+            {
+                tracing::debug!(node = %id, "own registration gone from the registry; keeping own tasks until re-registered");
+                None
+            }
             WatchEvent::NodeDelete(id) => st
                 .view
                 .nodes
@@ -809,33 +819,40 @@ impl Inner {
         if added.is_empty() {
             return;
         }
-        let CatchUp::RunLatest { .. } = self.catch_up else {
+        if self.catch_up == CatchUp::Skip {
             return;
-        };
-        // Tasks that ran before and whose latest fire is newer than their
-        // watermark missed that fire while nobody owned them.
+        }
+        // Tasks that ran before and whose fires after their watermark came
+        // due while nobody (or another node) owned them.
         let claims = match self
             .call("list claims", self.registry.claims(&self.ns))
             .await
         {
             Ok(claims) => claims.into_iter().collect::<HashMap<_, _>>(),
             Err(err) => {
-                tracing::warn!(%err, "cannot read claims; no catch-up this time");
+                tracing::error!(%err, tasks = added.len(), "cannot read claims; fires missed by the tasks just taken over are not caught up");
                 return;
             }
         };
         let now = self.clock.now_ms();
-        let window = self.catch_up.window_ms();
+        let (mut tasks, mut fires) = (0usize, 0usize);
         for (name, schedule) in added {
             let Some(claim) = claims.get(&name) else {
                 continue;
             };
-            if let Some(latest) = schedule.latest_at_or_before(now) {
-                if latest > claim.fire_time && now - latest <= window {
-                    tracing::info!(task = %name, fire_time = latest, "catching up a missed fire");
-                    self.engine.catch_up(&name, latest);
-                }
+            let missed = self.catch_up.missed(&schedule, claim.fire_time, now);
+            if missed.is_empty() {
+                continue;
             }
+            tracing::debug!(task = %name, fires = missed.len(), first = %crate::clock::rfc3339(missed[0]), "catching up missed fires");
+            tasks += 1;
+            fires += missed.len();
+            for fire_time in missed {
+                self.engine.catch_up(&name, fire_time);
+            }
+        }
+        if fires > 0 {
+            tracing::info!(tasks, fires, "catching up fires missed while nobody ran these tasks");
         }
     }
 

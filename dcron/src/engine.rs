@@ -43,15 +43,25 @@ pub enum Overlap {
 }
 
 /// What a node does about fires missed while nobody owned a task (a crash,
-/// a rebalance, a restart).
+/// a rebalance, a restart, a registry outage that expired registrations).
+/// Only tasks that ran before (have a claim watermark) are caught up: a fire
+/// before a task existed is not "missed".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatchUp {
     /// Forget missed fires.
     Skip,
     /// Run the most recent missed fire if it is at most `window` old and
-    /// newer than the task's claim watermark. Tasks that never ran are not
-    /// caught up (a fire before a task existed is not "missed").
+    /// newer than the task's claim watermark.
     RunLatest {
+        /// How old a missed fire may be.
+        window: Duration,
+    },
+    /// Run every fire newer than the task's claim watermark and at most
+    /// `window` old, oldest first (at most [`CatchUp::MAX_FIRES`] per task,
+    /// the most recent ones). Fires that another node still had in flight
+    /// (a rebalance during a registry outage) are claimed by whoever comes
+    /// first, so none is lost and none runs twice.
+    RunAll {
         /// How old a missed fire may be.
         window: Duration,
     },
@@ -59,17 +69,48 @@ pub enum CatchUp {
 
 impl Default for CatchUp {
     fn default() -> Self {
-        CatchUp::RunLatest {
+        CatchUp::RunAll {
             window: Duration::from_secs(60),
         }
     }
 }
 
 impl CatchUp {
+    /// Most fires [`CatchUp::RunAll`] runs for one task at a takeover.
+    pub const MAX_FIRES: usize = 100;
+
     pub(crate) fn window_ms(self) -> i64 {
         match self {
             CatchUp::Skip => 0,
-            CatchUp::RunLatest { window } => i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+            CatchUp::RunLatest { window } | CatchUp::RunAll { window } => {
+                i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
+            }
+        }
+    }
+
+    /// The fire times to catch up for a task whose watermark is
+    /// `watermark`, at `now`, oldest first.
+    pub(crate) fn missed(self, schedule: &Schedule, watermark: i64, now: i64) -> Vec<i64> {
+        let floor = now.saturating_sub(self.window_ms());
+        match self {
+            CatchUp::Skip => Vec::new(),
+            CatchUp::RunLatest { .. } => schedule
+                .latest_at_or_before(now)
+                .filter(|t| *t > watermark && *t >= floor)
+                .into_iter()
+                .collect(),
+            CatchUp::RunAll { .. } => {
+                let mut fires = VecDeque::new();
+                let mut at = watermark.max(floor.saturating_sub(1));
+                while let Some(t) = schedule.next_after(at).filter(|t| *t <= now) {
+                    if fires.len() == Self::MAX_FIRES {
+                        fires.pop_front();
+                    }
+                    fires.push_back(t);
+                    at = t;
+                }
+                fires.into()
+            }
         }
     }
 }
@@ -588,6 +629,10 @@ impl Engine {
     /// fires run (at their fire time), lost ones are dropped, failed ones
     /// go back to the queue at their fire time for a retry.
     async fn claim_group(self: &Arc<Self>, fire_time: i64, group: Vec<Pending>) {
+        let group = self.still_owned(group);
+        if group.is_empty() {
+            return;
+        }
         let now = self.cfg.clock.now_ms();
         let token = self.token();
         let claim = Claim::new(fire_time, &self.cfg.node_id, &token, now);
@@ -655,6 +700,43 @@ impl Engine {
         } else {
             self.dispatch_all(fire_time, &won);
         }
+    }
+
+    /// Keeps the pending fires of tasks still scheduled here, moved to the
+    /// task's current entry if it was replaced meanwhile (a changed
+    /// definition, or the task left and came back during a rebalance), so a
+    /// backlog survives; fires of tasks that left this node are dropped (the
+    /// new owner's catch-up applies) with a WARN count.
+    fn still_owned(&self, group: Vec<Pending>) -> Vec<Pending> {
+        let before = group.len();
+        let st = self.lock();
+        let kept: Vec<Pending> = group
+            .into_iter()
+            .filter_map(|p| {
+                if st.live(p.fire).is_some() {
+                    return Some(p);
+                }
+                let slot = *st.index.get(p.runnable.meta.name.as_str())?;
+                let entry = st.slots.get(slot as usize)?.as_ref()?;
+                Some(Pending {
+                    fire: Fire {
+                        slot,
+                        generation: entry.generation,
+                        ..p.fire
+                    },
+                    runnable: entry.runnable.clone(),
+                })
+            })
+            .collect();
+        drop(st);
+        let dropped = before - kept.len();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "fires of tasks that left this node dropped before their claim; the new owner's catch-up applies"
+            );
+        }
+        kept
     }
 
     /// Requeues failed claims (with backoff for the claimer), or resets the
