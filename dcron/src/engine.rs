@@ -1296,6 +1296,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn catch_up_policies_pick_the_missed_fires() {
+        let every_second = Schedule::parse("* * * * * *", chrono_tz::UTC).unwrap();
+        let now = START_MS + 10_400;
+        let window = Duration::from_secs(5);
+        let all = CatchUp::RunAll { window };
+        let expected: Vec<i64> = (6..=10).map(|s| START_MS + s * 1000).collect();
+        assert_eq!(all.missed(&every_second, START_MS, now), expected, "window bounds");
+        let recent = START_MS + 8_000;
+        assert_eq!(
+            all.missed(&every_second, recent, now),
+            vec![START_MS + 9_000, START_MS + 10_000],
+            "watermark bounds"
+        );
+        let latest = CatchUp::RunLatest { window };
+        assert_eq!(latest.missed(&every_second, START_MS, now), vec![START_MS + 10_000]);
+        assert!(CatchUp::Skip.missed(&every_second, START_MS, now).is_empty());
+        let long = CatchUp::RunAll {
+            window: Duration::from_secs(3_600),
+        };
+        let capped = long.missed(&every_second, START_MS, START_MS + 1_000_000);
+        assert_eq!(capped.len(), CatchUp::MAX_FIRES);
+        assert_eq!(capped.last(), Some(&(START_MS + 1_000_000)), "the most recent ones");
+    }
+
     /// A catch-up of a fire time that already ran here is answered "won"
     /// by the idempotent claim, and still does not run a second time.
     #[tokio::test(start_paused = true)]
