@@ -665,9 +665,7 @@ impl Inner {
             // registry expired it (an outage longer than the TTL), the
             // heartbeat re-registers it, and meanwhile it keeps its tasks
             // (others may take them too; claims keep each fire single).
-            WatchEvent::NodeDelete(id)
-                if id == st.me.id && st.me.status == NodeStatus::Working =>
-            {
+            WatchEvent::NodeDelete(id) if id == st.me.id && st.me.status == NodeStatus::Working => {
                 tracing::debug!(node = %id, "own registration gone from the registry; keeping own tasks until re-registered");
                 None
             }
@@ -852,7 +850,11 @@ impl Inner {
             }
         }
         if fires > 0 {
-            tracing::info!(tasks, fires, "catching up fires missed while nobody ran these tasks");
+            tracing::info!(
+                tasks,
+                fires,
+                "catching up fires missed while nobody ran these tasks"
+            );
         }
     }
 

@@ -413,7 +413,10 @@ impl Engine {
         *st = State::default();
         drop(st);
         if deferred > 0 {
-            tracing::warn!(deferred, "reset with claimed fires still waiting for a previous run; they are dropped");
+            tracing::warn!(
+                deferred,
+                "reset with claimed fires still waiting for a previous run; they are dropped"
+            );
             self.running.fetch_sub(deferred, Ordering::SeqCst);
         }
     }
@@ -636,7 +639,10 @@ impl Engine {
         let now = self.cfg.clock.now_ms();
         let token = self.token();
         let claim = Claim::new(fire_time, &self.cfg.node_id, &token, now);
-        let names: Vec<&str> = group.iter().map(|p| p.runnable.meta.name.as_str()).collect();
+        let names: Vec<&str> = group
+            .iter()
+            .map(|p| p.runnable.meta.name.as_str())
+            .collect();
         let started = std::time::Instant::now();
         let call = self.cfg.registry.claim_many(&self.cfg.ns, &names, &claim);
         let deadline = self.claim_deadline(names.len());
@@ -659,7 +665,10 @@ impl Engine {
         for pending in group {
             match outcomes.next() {
                 Some(ClaimOutcome::Won) => {
-                    let before = pending.runnable.last_won.fetch_max(fire_time, Ordering::SeqCst);
+                    let before = pending
+                        .runnable
+                        .last_won
+                        .fetch_max(fire_time, Ordering::SeqCst);
                     if before < fire_time {
                         won.push(pending.runnable);
                     } else {
@@ -741,7 +750,13 @@ impl Engine {
 
     /// Requeues failed claims (with backoff for the claimer), or resets the
     /// backoff after a fully answered call.
-    fn settle_claims(&self, fire_time: i64, failed: Vec<Pending>, answered: usize, err: Option<Error>) {
+    fn settle_claims(
+        &self,
+        fire_time: i64,
+        failed: Vec<Pending>,
+        answered: usize,
+        err: Option<Error>,
+    ) {
         let now = self.cfg.clock.now_ms();
         let mut st = self.lock();
         if failed.is_empty() {
@@ -798,10 +813,18 @@ impl Engine {
         }
         let total = expired.len();
         for (i, p) in expired.into_iter().enumerate() {
-            self.missed_one(&p.runnable.meta, p.fire.fire_time, MissReason::ClaimFailed, i < MISSED_LOG_LINES);
+            self.missed_one(
+                &p.runnable.meta,
+                p.fire.fire_time,
+                MissReason::ClaimFailed,
+                i < MISSED_LOG_LINES,
+            );
         }
         if total > MISSED_LOG_LINES {
-            tracing::error!(missed = total, "fires missed: the registry did not take their claims within the late window");
+            tracing::error!(
+                missed = total,
+                "fires missed: the registry did not take their claims within the late window"
+            );
         }
     }
 
@@ -1303,7 +1326,11 @@ mod tests {
         let window = Duration::from_secs(5);
         let all = CatchUp::RunAll { window };
         let expected: Vec<i64> = (6..=10).map(|s| START_MS + s * 1000).collect();
-        assert_eq!(all.missed(&every_second, START_MS, now), expected, "window bounds");
+        assert_eq!(
+            all.missed(&every_second, START_MS, now),
+            expected,
+            "window bounds"
+        );
         let recent = START_MS + 8_000;
         assert_eq!(
             all.missed(&every_second, recent, now),
@@ -1311,14 +1338,23 @@ mod tests {
             "watermark bounds"
         );
         let latest = CatchUp::RunLatest { window };
-        assert_eq!(latest.missed(&every_second, START_MS, now), vec![START_MS + 10_000]);
-        assert!(CatchUp::Skip.missed(&every_second, START_MS, now).is_empty());
+        assert_eq!(
+            latest.missed(&every_second, START_MS, now),
+            vec![START_MS + 10_000]
+        );
+        assert!(CatchUp::Skip
+            .missed(&every_second, START_MS, now)
+            .is_empty());
         let long = CatchUp::RunAll {
             window: Duration::from_secs(3_600),
         };
         let capped = long.missed(&every_second, START_MS, START_MS + 1_000_000);
         assert_eq!(capped.len(), CatchUp::MAX_FIRES);
-        assert_eq!(capped.last(), Some(&(START_MS + 1_000_000)), "the most recent ones");
+        assert_eq!(
+            capped.last(),
+            Some(&(START_MS + 1_000_000)),
+            "the most recent ones"
+        );
     }
 
     /// A catch-up of a fire time that already ran here is answered "won"

@@ -153,9 +153,7 @@ impl std::fmt::Display for MissReason {
                 "the registry did not take the claim within the catch-up window"
             }
             MissReason::Overlap => "the previous run was still running (overlap = skip)",
-            MissReason::NodeStalled => {
-                "the node was stalled for longer than the catch-up window"
-            }
+            MissReason::NodeStalled => "the node was stalled for longer than the catch-up window",
         })
     }
 }

@@ -185,7 +185,11 @@ impl FaultRegistry {
     }
 
     /// Runs one call under the faults.
-    async fn call<T>(&self, claim: bool, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    async fn call<T>(
+        &self,
+        claim: bool,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         match self.before(claim).await? {
             Plan::Pass => fut.await,
             Plan::FailBefore => Err(Self::injected_error("call failed")),
@@ -222,7 +226,8 @@ impl Registry for FaultRegistry {
     }
 
     async fn heartbeat(&self, ns: &str, node_id: &str, ttl: Duration) -> Result<bool> {
-        self.call(false, self.inner.heartbeat(ns, node_id, ttl)).await
+        self.call(false, self.inner.heartbeat(ns, node_id, ttl))
+            .await
     }
 
     async fn update_node(&self, ns: &str, node: &Node) -> Result<bool> {
@@ -255,7 +260,8 @@ impl Registry for FaultRegistry {
     }
 
     async fn delete_tombstone(&self, ns: &str, name: &str) -> Result<()> {
-        self.call(false, self.inner.delete_tombstone(ns, name)).await
+        self.call(false, self.inner.delete_tombstone(ns, name))
+            .await
     }
 
     async fn tombstones(&self, ns: &str) -> Result<Vec<String>> {

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec;
-use super::{Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use super::{
+    Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY,
+};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::task::TaskMeta;
@@ -504,21 +506,18 @@ impl Registry for MemoryRegistry {
                     fire_time,
                     node,
                     claimed_at,
-                } => Some((
-                    name.clone(),
-                    {
-                        let (n, t) = claimers
-                            .get(*node as usize)
-                            .map(|(n, t)| (n.to_string(), t.to_string()))
-                            .unwrap_or_default();
-                        Claim {
-                            fire_time: *fire_time,
-                            node: n,
-                            claimed_at: *claimed_at,
-                            token: t,
-                        }
-                    },
-                )),
+                } => Some((name.clone(), {
+                    let (n, t) = claimers
+                        .get(*node as usize)
+                        .map(|(n, t)| (n.to_string(), t.to_string()))
+                        .unwrap_or_default();
+                    Claim {
+                        fire_time: *fire_time,
+                        node: n,
+                        claimed_at: *claimed_at,
+                        token: t,
+                    }
+                })),
                 ClaimSlot::Corrupt(raw) => {
                     codec::decode_claim(BACKEND, name, raw).map(|claim| (name.clone(), claim))
                 }

@@ -113,7 +113,10 @@ pub async fn claim_stall_runs_fires_late_not_lost(h: &impl Harness) {
     assert_eq!(missed.load(Ordering::SeqCst), 0);
     let late = ledger.max_lateness_since(from);
     assert!(late >= 3000, "the stall made fires late ({late} ms)");
-    assert!(late <= 6500, "no fire later than the stall plus 1.5 s ({late} ms)");
+    assert!(
+        late <= 6500,
+        "no fire later than the stall plus 1.5 s ({late} ms)"
+    );
     assert!(nodes.iter().all(|(_, f)| f.injected() > 0));
 }
 
@@ -207,7 +210,10 @@ pub async fn long_outage_reports_every_missed_fire(h: &impl Harness) {
             t += 1000;
         }
     }
-    assert!(not_run >= tasks.len() as u64, "the outage outlasted the window");
+    assert!(
+        not_run >= tasks.len() as u64,
+        "the outage outlasted the window"
+    );
     assert_eq!(reported, not_run, "every fire that did not run is reported");
     assert_eq!(missed.load(Ordering::SeqCst), not_run);
     let _ = MissReason::ClaimFailed;

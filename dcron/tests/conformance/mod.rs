@@ -551,9 +551,15 @@ pub async fn claims_are_idempotent(h: &impl Harness) {
     let ns = fresh_ns("idempotent");
     let mine = claim(5_000, "me");
     assert!(r.claim(&ns, "t", &mine).await.expect("claim"));
-    assert!(other.claim(&ns, "t", &mine).await.expect("same token again"));
+    assert!(other
+        .claim(&ns, "t", &mine)
+        .await
+        .expect("same token again"));
     let restarted = Claim::new(5_000, "me", "me/2", 5_005);
-    assert!(!r.claim(&ns, "t", &restarted).await.expect("another incarnation"));
+    assert!(!r
+        .claim(&ns, "t", &restarted)
+        .await
+        .expect("another incarnation"));
     let stored = r_claims(&r, &ns).await;
     assert_eq!(stored["t"], mine);
     // In a batch: ours again, someone else's, fresh.
@@ -564,10 +570,7 @@ pub async fn claims_are_idempotent(h: &impl Harness) {
     let won = answers(r.claim_many(&ns, &["t", "u", "v"], &mine).await);
     assert_eq!(won, vec![Some(true), Some(false), Some(true)]);
     // An older fire time under our token is lost once a newer one is stored.
-    assert!(!r
-        .claim(&ns, "t", &claim(4_000, "me"))
-        .await
-        .expect("older"));
+    assert!(!r.claim(&ns, "t", &claim(4_000, "me")).await.expect("older"));
 }
 
 /// Injected faults: a lost answer, a partly failed batch and a batch with
@@ -584,7 +587,10 @@ pub async fn claims_survive_faults(h: &impl Harness) {
     faulty.lose_next_answers(1);
     assert!(r.claim(&ns, "lost", &mine).await.is_err(), "answer lost");
     assert!(!other.claim(&ns, "lost", &rival).await.expect("rival"));
-    assert!(r.claim(&ns, "lost", &mine).await.expect("retry"), "retry wins");
+    assert!(
+        r.claim(&ns, "lost", &mine).await.expect("retry"),
+        "retry wins"
+    );
 
     let names: Vec<String> = (0..9).map(|i| format!("split-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -593,7 +599,11 @@ pub async fn claims_survive_faults(h: &impl Harness) {
     assert_eq!(first.iter().filter(|a| a.is_none()).count(), 6);
     assert!(first.iter().all(|a| *a != Some(false)));
     let retry = answers(r.claim_many(&ns, &refs, &mine).await);
-    assert_eq!(retry, vec![Some(true); 9], "every claim of the batch is ours");
+    assert_eq!(
+        retry,
+        vec![Some(true); 9],
+        "every claim of the batch is ours"
+    );
     let rivals = answers(other.claim_many(&ns, &refs, &rival).await);
     assert_eq!(rivals, vec![Some(false); 9]);
 
