@@ -6,8 +6,46 @@
 //! task's name, payload and fire time in environment variables (and the
 //! payload on stdin), so a payload is data and never shell code.
 //!
-//! Every run gets its own process group; a timeout, a forced exit or a run
-//! dropped by the library kills the whole group.
+//! Every run gets its own process group; a timeout, a forced exit, the end
+//! of the drain timeout or a run dropped by the library kills the whole
+//! group.
+//!
+//! # Signals
+//!
+//! SIGTERM, SIGINT and SIGHUP all stop the agent the same graceful way
+//! (see [`STOP_HELP`], also in `dcron agent --help`):
+//!
+//! 1. publish `leaving` (the other nodes take its tasks over at once) and
+//!    stop firing;
+//! 2. wait for running commands, up to `drain_timeout` from the signal;
+//! 3. SIGKILL the process group of every command still running;
+//! 4. unregister and exit 0 (1 if the registry failed while leaving).
+//!
+//! A SIGINT or SIGTERM during the stop kills every command's group at once
+//! and exits 130. A SIGHUP during the stop is ignored: closing a terminal
+//! can deliver two (the shell forwards one, the kernel sends another when
+//! the shell exits), and that must not skip the drain.
+//!
+//! SIGHUP is not a config reload: most settings (registry, namespace, node
+//! id, strategy, weight, TTLs) only change by leaving the cluster and
+//! joining again, which is what a restart does, and a reload that applies
+//! half of a file is worse than none. An agent that loses its terminal
+//! (the other meaning of SIGHUP) stops cleanly instead of dying mid-run.
+//!
+//! # Children when the agent dies
+//!
+//! On Linux every command is started with `PR_SET_PDEATHSIG = SIGKILL`, so
+//! the command dies with the agent even when the agent is SIGKILLed (or
+//! crashes). Commands are spawned from one dedicated thread that lives as
+//! long as the process, since the kernel ties that signal to the spawning
+//! *thread*, not the process. What cannot be covered from inside the
+//! agent: the command's own children (the `sleep` of
+//! `sh -c 'sleep 100 & wait'`) do not inherit the death signal, and
+//! nothing runs in a SIGKILLed process to kill their group, so they are
+//! reparented to init; nor can a command that leaves its process group
+//! (`setsid`) be reached by the group kill. A supervisor that kills the
+//! whole cgroup (systemd's default `KillMode=control-group`, a container
+//! runtime) covers both. Other Unix systems get the process groups only.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -22,7 +60,7 @@ use tokio::process::Command;
 use crate::config::{self, AgentConfig, CommandLine, CommandSpec};
 use crate::connect::{self, ConnectOptions, SECRET_VARS};
 use crate::error::{error_chain, CliError, CliResult, EXIT_FORCED};
-use crate::signals::Signals;
+use crate::signals::{self, Signals};
 
 /// Largest payload also passed in `DCRON_TASK_PAYLOAD`: Linux refuses a
 /// single environment string above 128 KiB. Larger payloads are on stdin
@@ -34,8 +72,40 @@ const MAX_LINE: usize = 16 * 1024;
 /// process may hold the pipes open).
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
+/// What the agent does on signals; shown by `dcron agent --help`.
+pub const STOP_HELP: &str = "\
+Signals:
+  SIGTERM, SIGINT and SIGHUP stop the agent gracefully: it publishes `leaving`
+  (the other nodes take its tasks over at once) and stops firing, waits for
+  running commands up to `drain_timeout` (default 30s) from the signal, kills
+  the process group of every command still running, unregisters and exits 0
+  (1 if the registry failed while leaving). A SIGINT or SIGTERM during the
+  stop kills every command at once and exits 130 (a repeated SIGHUP does not:
+  closing a terminal may send two).
+  SIGHUP is not a config reload (most settings need the node to leave and
+  rejoin the cluster): restart the agent to apply a changed config file.
+
+Commands:
+  Each command runs in its own process group, so killing it kills its
+  children too. On Linux a command also gets SIGKILL if the agent dies, even
+  by SIGKILL; the command's own children cannot be covered that way: run the
+  agent under a supervisor that kills its whole cgroup (systemd's default
+  KillMode=control-group, a container) for that.";
+
+/// Library default of `drain_timeout`, made explicit because the agent
+/// enforces the same bound itself (see [`stop`]).
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than the agent's own drain bound the library's drain
+/// waits: time for runs killed at the bound to end.
+const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+/// How long the agent waits for killed commands to be reaped before it
+/// exits (a SIGKILLed process group dies at once; this only avoids leaving
+/// zombies to init).
+const REAP_GRACE: Duration = Duration::from_secs(2);
+
 /// `dcron agent` options.
 #[derive(Debug, clap::Args)]
+#[command(after_help = STOP_HELP)]
 pub struct AgentArgs {
     /// The agent's configuration file (TOML).
     #[arg(long, short = 'c', env = "DCRON_CONFIG", value_name = "PATH")]
@@ -130,13 +200,117 @@ fn kill_group(pgid: i32) {
     let _ = pgid;
 }
 
-/// Kills every run in flight (forced exit).
-fn kill_all_groups() {
+/// Kills every run in flight (forced exit, end of the drain); returns how
+/// many there were.
+fn kill_all_groups() -> usize {
     let all: Vec<i32> = groups().iter().copied().collect();
-    for p in all {
-        kill_group(p);
+    for p in &all {
+        kill_group(*p);
+    }
+    all.len()
+}
+
+/// Waits up to `limit` for the leaders of killed runs to be reaped (their
+/// runs then end and forget their groups). Returns how many are left.
+async fn await_reaped(limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = groups().len();
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+// ----- spawning ---------------------------------------------------------
+
+/// A started command and the guard of its process group.
+type Spawned = std::io::Result<(tokio::process::Child, GroupGuard)>;
+type SpawnJob = (Command, tokio::sync::oneshot::Sender<Spawned>);
+
+/// The thread every command is spawned from (see [`spawn`]); `None` if it
+/// could not be started.
+static SPAWNER: OnceLock<Option<std::sync::mpsc::Sender<SpawnJob>>> = OnceLock::new();
+
+fn spawn_now(cmd: &mut Command) -> Spawned {
+    let child = cmd.spawn()?;
+    // Known to a forced exit from the first moment; if the run is gone by
+    // the time this reaches it, dropping the guard kills the group.
+    let group = GroupGuard::new(child.id());
+    Ok((child, group))
+}
+
+fn spawner() -> Option<&'static std::sync::mpsc::Sender<SpawnJob>> {
+    SPAWNER
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Handle::try_current().ok()?;
+            let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+            let started = std::thread::Builder::new()
+                .name("dcron-spawn".into())
+                .spawn(move || {
+                    // Pipes and the child's reaper register with the runtime.
+                    let _entered = runtime.enter();
+                    for (mut cmd, reply) in rx {
+                        let _ = reply.send(spawn_now(&mut cmd));
+                    }
+                });
+            match started {
+                Ok(_) => Some(tx),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot start the spawning thread; commands are spawned from the runtime's threads");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Spawns `cmd` from a thread that lives as long as the process: Linux
+/// sends the `PR_SET_PDEATHSIG` signal when the thread that forked the
+/// child ends, not the process, and the runtime's threads may come and go.
+async fn spawn(mut cmd: Command) -> Spawned {
+    die_with_agent(&mut cmd);
+    if let Some(tx) = spawner() {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match tx.send((cmd, reply)) {
+            Ok(()) => {
+                return answer
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread is gone")))
+            }
+            Err(std::sync::mpsc::SendError((back, _))) => cmd = back,
+        }
+    }
+    spawn_now(&mut cmd)
+}
+
+/// Makes the kernel SIGKILL the command when the agent dies, however it
+/// dies (Linux only).
+#[cfg(target_os = "linux")]
+fn die_with_agent(cmd: &mut Command) {
+    // SAFETY: getpid(2) has no preconditions.
+    let agent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // calls async-signal-safe functions (prctl, getppid) and neither
+    // allocates nor takes locks (an `Os` io::Error is a plain integer).
+    unsafe {
+        cmd.pre_exec(move || {
+            let (kill, zero) = (libc::SIGKILL as libc::c_ulong, 0 as libc::c_ulong);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, kill, zero, zero, zero) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent died between fork and prctl: the signal was missed.
+            if libc::getppid() != agent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_agent(_cmd: &mut Command) {}
 
 // ----- running commands -------------------------------------------------
 
@@ -246,10 +420,9 @@ async fn execute(
     cmd.process_group(0);
 
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
+    let (mut child, mut group) = spawn(cmd)
+        .await
         .map_err(|e| format!("cannot start {}: {e}", describe(&spec.line)))?;
-    let mut group = GroupGuard::new(child.id());
     tracing::info!(target: "dcron::run", task = %task, fire_time, pid = child.id(), "run started");
     if let Some(mut stdin) = child.stdin.take() {
         let bytes = payload.as_bytes().to_vec();
@@ -325,7 +498,7 @@ fn check_summary(cfg: &AgentConfig) -> String {
     )
 }
 
-/// Runs the agent until SIGINT / SIGTERM; returns the exit code.
+/// Runs the agent until SIGINT / SIGTERM / SIGHUP; returns the exit code.
 pub async fn run(globals: AgentGlobals, args: &AgentArgs) -> CliResult<i32> {
     let cfg = config::load(&args.config)?;
     if args.check {
@@ -397,9 +570,11 @@ pub async fn run(globals: AgentGlobals, args: &AgentArgs) -> CliResult<i32> {
     if let Some(every) = cfg.reload_interval {
         builder = builder.reload_interval(every);
     }
-    if let Some(limit) = cfg.drain_timeout {
-        builder = builder.drain_timeout(limit);
-    }
+    // The agent enforces the drain bound itself, from the signal (see
+    // `stop`); the library waits a little longer so that it sees the killed
+    // runs end instead of reporting them as left running.
+    let drain = cfg.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    builder = builder.drain_timeout(drain + DRAIN_MARGIN);
     if let Some(policy) = cfg.catch_up {
         builder = builder.catch_up(policy);
     }
@@ -455,20 +630,67 @@ pub async fn run(globals: AgentGlobals, args: &AgentArgs) -> CliResult<i32> {
     let signal = signals.recv().await;
     tracing::info!(
         signal,
-        "stopping gracefully: leaving, waiting for running tasks, unregistering; send another signal to exit at once"
+        drain_timeout = %humantime::format_duration(drain),
+        "stopping gracefully: leaving, waiting for running tasks, unregistering; send SIGINT or SIGTERM again to exit at once"
     );
-    tokio::select! {
-        stopped = node.stop() => match stopped {
-            Ok(()) => {
-                tracing::info!(node = %node.node_id(), "agent stopped");
-                Ok(0)
+    let code = stop(&node, drain, &mut signals).await;
+    // Whatever is still running now (a failed stop, a run the library let
+    // go) dies with its group rather than outliving the agent.
+    let killed = kill_all_groups();
+    if killed > 0 {
+        tracing::warn!(runs = killed, "killed runs still going at exit");
+    }
+    let left = await_reaped(REAP_GRACE).await;
+    if left > 0 {
+        tracing::warn!(runs = left, "killed runs not reaped yet; exiting anyway");
+    }
+    code
+}
+
+/// The graceful stop after a signal: `leaving`, the drain (bounded by
+/// `drain` from now, after which the runs left are killed, group and
+/// all), unregistering. A SIGINT / SIGTERM meanwhile kills every run and
+/// returns [`EXIT_FORCED`]; a SIGHUP is ignored.
+async fn stop(node: &Dcron, drain: Duration, signals: &mut Signals) -> CliResult<i32> {
+    let stopping = node.stop();
+    tokio::pin!(stopping);
+    // The library's own drain starts after `leaving` is published; the
+    // bound an operator sets (and a supervisor's stop timeout is sized
+    // against) counts from the signal.
+    let drain_end = tokio::time::sleep(drain);
+    tokio::pin!(drain_end);
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            stopped = &mut stopping => {
+                return match stopped {
+                    Ok(()) => {
+                        tracing::info!(node = %node.node_id(), "agent stopped");
+                        Ok(0)
+                    }
+                    Err(err) => Err(CliError::from(err).context("graceful stop failed")),
+                };
             }
-            Err(err) => Err(CliError::from(err).context("graceful stop failed")),
-        },
-        signal = signals.recv() => {
-            tracing::warn!(signal, "second signal: killing running tasks and exiting now");
-            kill_all_groups();
-            Ok(EXIT_FORCED)
+            () = &mut drain_end, if !drained => {
+                drained = true;
+                let killed = kill_all_groups();
+                if killed > 0 {
+                    tracing::warn!(
+                        runs = killed,
+                        drain_timeout = %humantime::format_duration(drain),
+                        "drain timeout: killing the runs still going, with their process groups"
+                    );
+                }
+            }
+            signal = signals.recv() => {
+                if signal == signals::HANGUP {
+                    tracing::info!(signal, "already stopping; a hangup does not force the exit (SIGINT or SIGTERM does)");
+                    continue;
+                }
+                tracing::warn!(signal, "second signal: killing running tasks and exiting now");
+                kill_all_groups();
+                return Ok(EXIT_FORCED);
+            }
         }
     }
 }

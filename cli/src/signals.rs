@@ -1,15 +1,31 @@
-//! SIGINT / SIGTERM handling.
+//! SIGINT / SIGTERM / SIGHUP handling.
+//!
+//! All three mean "stop": a daemon that loses its terminal (SIGHUP) or is
+//! told to stop by its supervisor (SIGTERM) or by an operator (SIGINT)
+//! stops the same graceful way. SIGHUP is deliberately *not* a config
+//! reload for `dcron agent`: most of its settings (registry, namespace,
+//! node id, strategy, weight, TTLs) can only change by leaving the cluster
+//! and joining again, which is a restart, and a half-applied reload is
+//! worse than none. Restart the agent to load a changed config.
 
 use crate::error::{CliError, CliResult};
 
-/// A stream of termination signals (SIGINT and SIGTERM on Unix, Ctrl-C
-/// elsewhere). Create it early: once created, the signals no longer kill
-/// the process by default.
+/// The name [`Signals::recv`] returns for SIGHUP. A hangup often comes
+/// twice (the shell forwards it to its jobs, then the kernel sends it to
+/// the foreground group when the shell exits), so a caller that escalates
+/// on a second signal should not count a repeated hangup.
+pub const HANGUP: &str = "SIGHUP";
+
+/// A stream of termination signals (SIGINT, SIGTERM and SIGHUP on Unix,
+/// Ctrl-C elsewhere). Create it early: once created, the signals no longer
+/// kill the process by default.
 pub struct Signals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -26,6 +42,7 @@ impl Signals {
             Ok(Signals {
                 int: install(SignalKind::interrupt(), "SIGINT")?,
                 term: install(SignalKind::terminate(), "SIGTERM")?,
+                hup: install(SignalKind::hangup(), "SIGHUP")?,
             })
         }
         #[cfg(not(unix))]
@@ -41,6 +58,7 @@ impl Signals {
             tokio::select! {
                 _ = self.int.recv() => "SIGINT",
                 _ = self.term.recv() => "SIGTERM",
+                _ = self.hup.recv() => HANGUP,
             }
         }
         #[cfg(not(unix))]
@@ -53,7 +71,7 @@ impl Signals {
     }
 }
 
-/// Resolves on the first SIGINT / SIGTERM.
+/// Resolves on the first SIGINT / SIGTERM / SIGHUP.
 pub async fn shutdown() {
     match Signals::new() {
         Ok(mut signals) => {
