@@ -18,13 +18,18 @@
 //!   lease is gone, `heartbeat` and `update_node` answer `Ok(false)` and the
 //!   node registers again with a new lease.
 //! * **Claims** are a compare-and-set on the key's `mod_revision` (etcd cannot
-//!   compare inside JSON): read the stored watermark, and if it is older (or
-//!   absent, or corrupt) write the new one in a transaction that succeeds only
-//!   if the key has not changed since it was read. A failed transaction
-//!   returns the current value in the same round trip, and the loop decides
-//!   again. The revision of the registry's own last successful claim of a
-//!   task is remembered, so the steady state (the owner claiming its task at
-//!   each fire time) is one round trip.
+//!   compare inside JSON): decide with [`Claim::against`] on the stored
+//!   watermark (absent, corrupt or older: write; the same fire time under
+//!   our token: already ours, won without a write; otherwise lost), and
+//!   write in a transaction that succeeds only if the key has not changed
+//!   since it was read. A failed transaction returns the current value in
+//!   the same round trip, and the loop decides again. A transaction whose
+//!   outcome is unknown (timeout, transport error) is sent again as it is:
+//!   if it was applied, its compare now fails and it returns the stored
+//!   watermark, ours, found by its token (won), so our own write whose
+//!   answer was lost counts as won. The revision of the registry's own last
+//!   successful claim of a task is remembered, so the steady state (the
+//!   owner claiming its task at each fire time) is one round trip.
 //! * **Watch**: one range watch over `/ns/deleted/` .. `/ns/tasks/` — which
 //!   covers tombstones, nodes and tasks, but not `/ns/claims/` (claims sort
 //!   first), so claim writes never even reach a watcher. The feed resumes
@@ -32,17 +37,30 @@
 //!   [`WatchEvent::Resync`] anyway), and when that revision was compacted it
 //!   sends `Resync` and restarts from the current revision.
 //! * **Fail-over**: one client per endpoint; requests go to the current
-//!   member and move on to the next one after a transport error, "no
-//!   leader" or a timeout (the library's own balancing keeps sending part of
-//!   the requests to a dead member). Every request is bounded by the request
-//!   timeout and retried a few times with a capped backoff.
+//!   member and move on to the next one after a transport error (that
+//!   member is then skipped for a few seconds), "no leader" or a timeout
+//!   (the library's own balancing keeps sending part of the requests to a
+//!   dead member). A small request (a claim, a lease call, a single key)
+//!   is retried with short attempts (the attempt timeout, 1 s) and short
+//!   pauses (25 ms doubling to 250 ms) until the request timeout (5 s); a
+//!   page of a range read gets the request timeout for each of a few
+//!   attempts. When the leader dies, a write in flight at a follower is
+//!   never answered (etcd drops the forwarded proposal): an attempt
+//!   pending for 200 ms asks its member for its leader every 150 ms (a
+//!   local status call, shared by the requests waiting on that member),
+//!   and is abandoned as soon as the member has no leader or a new raft
+//!   term, then sent again at once to the member that knows the new
+//!   leader. A request in flight when a leader dies is thus answered about
+//!   when the new leader is elected (measured: the election plus 50 to
+//!   300 ms), not after a request timeout. Claims are safe to send again
+//!   (see above).
 //! * **TLS** is not compiled in (it needs `etcd-client`'s `tls` feature and a
 //!   crypto library); build a TLS client yourself and use
 //!   [`EtcdRegistry::from_client`].
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,9 +72,12 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::codec;
-use super::{Claim, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY};
+use super::{
+    Claim, ClaimOutcome, Registry, Timing, WatchEvent, WatchReceiver, WATCH_CHANNEL_CAPACITY,
+};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::task::{validate_task_name, TaskMeta};
@@ -65,20 +86,36 @@ const BACKEND: &str = "etcd";
 
 /// Default bound on establishing a connection to an endpoint.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Default bound on each request (and on each retry of it).
+/// Default bound on each request, its retries included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on one attempt of a small request (a claim, a keep-alive,
+/// a single key): one etcd election timeout (1 s by default). It only ends
+/// attempts that nothing else ends: one whose member loses its leader is
+/// ended as soon as the member says so (see [`EtcdRegistry`]'s fail-over).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// First pause before retrying a failed attempt, doubling up to the next.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// Longest pause between two attempts of a small request, so that one
+/// goes through soon after a new leader is elected.
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// An attempt pending this long starts asking its member for its leader.
+const PROBE_AFTER: Duration = Duration::from_millis(200);
+/// How often a pending attempt's member is asked for its leader.
+const PROBE_EVERY: Duration = Duration::from_millis(150);
+/// Bound on one such question (answered locally by the member).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// A member found unreachable is skipped this long when moving on.
+const DOWN_FOR: Duration = Duration::from_secs(3);
 
-/// Attempts of a request that failed in a way worth retrying (transport
-/// error, no leader, timeout): at least this many, and at least one per
-/// member plus one.
+/// Attempts of a large request (a page of a range read) that failed in a
+/// way worth retrying (transport error, no leader, timeout): at least this
+/// many, and at least one per member plus one.
 const ATTEMPTS: u32 = 3;
 /// Transactions a single `claim` may lose to concurrent writers before it
 /// gives up with an error (each loss means another claimer made progress).
 const MAX_CLAIM_ROUNDS: u32 = 32;
 /// Claims of one `claim_many` in flight at once.
 const CLAIM_CONCURRENCY: usize = 32;
-/// Passes of `claim_many` over the claims that failed.
-const CLAIM_PASSES: u32 = 3;
 /// Keys per page of a range read.
 const PAGE: i64 = 256;
 /// Largest response accepted (a page of large task payloads).
@@ -121,6 +158,7 @@ pub struct EtcdRegistry {
     shared: Arc<Shared>,
     timing: Timing,
     request_timeout: Duration,
+    attempt_timeout: Duration,
 }
 
 struct Shared {
@@ -130,6 +168,8 @@ struct Shared {
     /// sending requests to a dead member.
     members: Vec<Member>,
     current: AtomicUsize,
+    /// The latest raft term seen in an answer (0: none yet).
+    term: AtomicU64,
     /// How to connect a member that is not connected yet (`None` when the
     /// client was given).
     options: Option<ConnectOptions>,
@@ -144,6 +184,54 @@ struct Shared {
 struct Member {
     endpoint: String,
     handles: Mutex<Option<Handles>>,
+    /// Until when the member counts as unreachable (a transport error).
+    down_until: Mutex<Option<Instant>>,
+    /// The latest status probe of this member, shared by the requests
+    /// waiting on it (one probe at a time).
+    probe: tokio::sync::Mutex<Option<Probe>>,
+}
+
+impl Member {
+    fn new(endpoint: String, handles: Option<Handles>) -> Member {
+        Member {
+            endpoint,
+            handles: Mutex::new(handles),
+            down_until: Mutex::new(None),
+            probe: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Marks the member unreachable for [`DOWN_FOR`] (skipped when moving
+    /// on from another member), or reachable again.
+    fn set_down(&self, down: bool) {
+        let mut until = lock(&self.down_until);
+        if down {
+            *until = Some(Instant::now() + DOWN_FOR);
+        } else if until.is_some() {
+            *until = None;
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        lock(&self.down_until).is_some_and(|until| until > Instant::now())
+    }
+}
+
+/// What a member said about its leader.
+#[derive(Clone, Copy)]
+struct Probe {
+    at: Instant,
+    seen: Seen,
+}
+
+#[derive(Clone, Copy)]
+enum Seen {
+    /// It has a leader, in this raft term.
+    Leader { term: u64 },
+    /// It has no leader (an election is going on).
+    NoLeader,
+    /// No telling (slow, unreachable, or another error).
+    Unknown,
 }
 
 /// The clients of one member.
@@ -172,10 +260,13 @@ impl std::fmt::Debug for EtcdRegistry {
             .iter()
             .map(|m| m.endpoint.as_str())
             .collect();
+        let current = endpoints.get(self.current()).copied();
         f.debug_struct("EtcdRegistry")
             .field("endpoints", &endpoints)
+            .field("current", &current)
             .field("timing", &self.timing)
             .field("request_timeout", &self.request_timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +278,7 @@ pub struct EtcdRegistryBuilder {
     user: Option<(String, String)>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    attempt_timeout: Duration,
     keep_alive: Option<(Duration, Duration)>,
     timing: Timing,
 }
@@ -199,6 +291,7 @@ impl std::fmt::Debug for EtcdRegistryBuilder {
             .field("user", &self.user.as_ref().map(|(name, _)| name))
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
             .field("keep_alive", &self.keep_alive)
             .field("timing", &self.timing)
             .finish()
@@ -220,12 +313,28 @@ impl EtcdRegistryBuilder {
         self
     }
 
-    /// Bound on each request (default 5 s). A request that fails with a
-    /// transport error, "no leader" or this timeout is tried again on the
-    /// next member, a few times in all (at least once per member), with a
-    /// short capped backoff.
+    /// Bound on each request, its retries included (default 5 s). An
+    /// attempt that fails with a transport error, "no leader" or the
+    /// [attempt timeout](Self::attempt_timeout) is tried again on the next
+    /// member, with a short capped backoff, until this bound. Large
+    /// requests (a page of a range read) get this bound for each of a few
+    /// attempts instead.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Bound on one attempt of a small request: a claim, a lease call, a
+    /// single key (default 1 s, capped by the request timeout); the attempt
+    /// is then abandoned and tried again on the next member. A write in
+    /// flight at a member whose leader died is never answered (etcd drops
+    /// the proposal): such an attempt is abandoned as soon as the member
+    /// reports a new leader or none (it is asked every 150 ms once the
+    /// attempt has taken 200 ms), so this bound only matters for a member
+    /// that stops answering altogether. Too short for the cluster's normal
+    /// latency, and requests are abandoned and retried needlessly.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
         self
     }
 
@@ -253,9 +362,12 @@ impl EtcdRegistryBuilder {
                 "etcd: no endpoints given; pass e.g. \"http://127.0.0.1:2379\"".into(),
             ));
         }
-        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+        if self.connect_timeout.is_zero()
+            || self.request_timeout.is_zero()
+            || self.attempt_timeout.is_zero()
+        {
             return Err(Error::InvalidConfig(
-                "etcd: connect and request timeouts must be above zero".into(),
+                "etcd: connect, request and attempt timeouts must be above zero".into(),
             ));
         }
         let mut options = ConnectOptions::new()
@@ -277,15 +389,13 @@ impl EtcdRegistryBuilder {
         let members = self
             .endpoints
             .iter()
-            .map(|endpoint| Member {
-                endpoint: endpoint.clone(),
-                handles: Mutex::new(None),
-            })
+            .map(|endpoint| Member::new(endpoint.clone(), None))
             .collect();
         let registry = EtcdRegistry {
             shared: Arc::new(Shared {
                 members,
                 current: AtomicUsize::new(start),
+                term: AtomicU64::new(0),
                 options: Some(options),
                 // With credentials, connecting authenticates (a round trip).
                 connect_bound: self.connect_timeout + self.request_timeout,
@@ -294,12 +404,13 @@ impl EtcdRegistryBuilder {
             }),
             timing: self.timing,
             request_timeout: self.request_timeout,
+            attempt_timeout: self.attempt_timeout,
         };
         // Fail fast: one cheap call that needs a live member with a leader.
         let endpoints = self.endpoints.join(",");
         let context = format!("cannot reach etcd at {endpoints} (is it running?)");
         registry
-            .retrying(&context, |h| async move {
+            .retrying_long(&context, |h| async move {
                 let mut maintenance = h.client.maintenance_client();
                 maintenance.status().await
             })
@@ -356,6 +467,7 @@ impl EtcdRegistry {
             user: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             keep_alive: Some((Duration::from_secs(10), Duration::from_secs(5))),
             timing: Self::DEFAULT_TIMING,
         }
@@ -384,11 +496,12 @@ impl EtcdRegistry {
     pub fn from_client(client: Client) -> Self {
         EtcdRegistry {
             shared: Arc::new(Shared {
-                members: vec![Member {
-                    endpoint: "(given client)".into(),
-                    handles: Mutex::new(Some(Handles::new(client))),
-                }],
+                members: vec![Member::new(
+                    "(given client)".into(),
+                    Some(Handles::new(client)),
+                )],
                 current: AtomicUsize::new(0),
+                term: AtomicU64::new(0),
                 options: None,
                 connect_bound: DEFAULT_CONNECT_TIMEOUT,
                 leases: Mutex::new(HashMap::new()),
@@ -396,6 +509,7 @@ impl EtcdRegistry {
             }),
             timing: Self::DEFAULT_TIMING,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 
@@ -411,12 +525,19 @@ impl EtcdRegistry {
         self
     }
 
+    /// Replaces the bound on one attempt of a small request (default 1 s,
+    /// see [`EtcdRegistryBuilder::attempt_timeout`]).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
     /// A client of the member currently in use (connecting it if needed),
     /// for direct access to etcd.
     pub async fn client(&self) -> Result<Client> {
         match self.handles(self.current()).await {
             Ok(handles) => Ok(handles.client),
-            Err(Failure::Final(err) | Failure::Retryable(err)) => Err(err),
+            Err(failure) => Err(failure.into_error()),
         }
     }
 
@@ -453,11 +574,16 @@ impl EtcdRegistry {
         self.shared.current.load(Ordering::Relaxed) % self.shared.members.len().max(1)
     }
 
-    /// Moves on from member `index` (unless another request already did).
+    /// Moves on from member `index` (unless another request already did),
+    /// skipping members found unreachable lately.
     fn rotate(&self, index: usize) {
         let n = self.shared.members.len();
         if n > 1 {
-            let next = (index + 1) % n;
+            // The next member not found unreachable lately (else the next).
+            let next = (1..n)
+                .map(|k| (index + k) % n)
+                .find(|&j| !self.shared.members[j].is_down())
+                .unwrap_or((index + 1) % n);
             if self
                 .shared
                 .current
@@ -499,93 +625,209 @@ impl EtcdRegistry {
                 // Another request may have connected meanwhile: keep one.
                 Ok(slot.get_or_insert_with(|| Handles::new(client)).clone())
             }
-            Ok(Err(err)) => {
-                let retry = retryable(&err);
-                let err = Error::registry(
-                    BACKEND,
-                    format!("cannot connect to etcd at {endpoint}"),
-                    err,
-                );
-                Err(if retry {
-                    Failure::Retryable(err)
-                } else {
-                    Failure::Final(err)
-                })
-            }
-            Err(_) => Err(Failure::Retryable(Error::Timeout {
+            Ok(Err(err)) => Err(
+                match Failure::of(err, format!("cannot connect to etcd at {endpoint}")) {
+                    Failure::Retryable(err) => Failure::Down(err),
+                    other => other,
+                },
+            ),
+            Err(_) => Err(Failure::Down(Error::Timeout {
                 what: format!("connecting to etcd at {endpoint}"),
                 after: bound,
             })),
         }
     }
 
-    /// A request, tried on the current member and then on the next ones
-    /// while it fails in a retryable way (at least once per member).
-    async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    /// A small request (one key, a transaction, a lease call): each attempt
+    /// bounded by the attempt timeout, tried on the current member and then
+    /// on the next ones while it fails in a retryable way, until the request
+    /// timeout.
+    async fn retrying<T: Answer, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnMut(Handles) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.retrying_until(what, Instant::now() + self.request_timeout, op)
+            .await
+    }
+
+    /// [`retrying`](Self::retrying) until `deadline`.
+    async fn retrying_until<T: Answer, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut op: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Handles) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let mut pause = FIRST_RETRY_PAUSE;
+        let mut attempt = 1;
+        loop {
+            let failure = match self
+                .attempt(what, self.attempt_bound(deadline), &mut op)
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(Failure::Final(err)) => return Err(err),
+                Err(failure) => failure,
+            };
+            let wait = retry_pause(&failure, &mut pause);
+            let err = failure.into_error();
+            if Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            tracing::debug!(backend = BACKEND, what, error = ?err, attempt, "retrying");
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A large request (a page of a range read, the probe at connect): each
+    /// attempt bounded by the request timeout, a few attempts in all (at
+    /// least one per member plus one).
+    async fn retrying_long<T: Answer, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut(Handles) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         let attempts = ATTEMPTS.max(self.shared.members.len() as u32 + 1);
-        let mut pause = Duration::from_millis(25);
+        let mut pause = FIRST_RETRY_PAUSE;
         let mut attempt = 1;
         loop {
-            match self.attempt(what, &mut op).await {
+            let failure = match self.attempt(what, self.request_timeout, &mut op).await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Final(err)) => return Err(err),
-                Err(Failure::Retryable(err)) => {
-                    if attempt >= attempts {
-                        return Err(err);
-                    }
-                    tracing::debug!(backend = BACKEND, what, %err, attempt, "retrying");
-                }
+                Err(failure) => failure,
+            };
+            let wait = retry_pause(&failure, &mut pause);
+            let err = failure.into_error();
+            if attempt >= attempts {
+                return Err(err);
             }
+            tracing::debug!(backend = BACKEND, what, error = ?err, attempt, "retrying");
             attempt += 1;
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3).min(Duration::from_secs(1));
+            tokio::time::sleep(wait).await;
         }
     }
 
-    /// One attempt of a request on the current member, bounded by the
-    /// request timeout; a retryable failure moves on to the next member.
-    async fn attempt<T, F, Fut>(&self, what: &str, op: &mut F) -> std::result::Result<T, Failure>
+    /// The bound on the next attempt of a request that must end by `deadline`.
+    fn attempt_bound(&self, deadline: Instant) -> Duration {
+        self.attempt_timeout
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1))
+    }
+
+    /// One attempt of a request on the current member, bounded by `bound`;
+    /// a retryable failure (transport error, no leader, the bound) moves on
+    /// to the next member.
+    ///
+    /// An attempt still pending after [`PROBE_AFTER`] is watched: the member
+    /// is asked for its leader (a local status call) every [`PROBE_EVERY`].
+    /// A write in flight when the leader died is never answered (the member
+    /// forwarded it to the dead leader, and etcd drops it), so once the
+    /// member has no leader or reports a new term, the attempt is abandoned
+    /// and tried again at once, instead of waiting for the bound.
+    async fn attempt<T: Answer, F, Fut>(
+        &self,
+        what: &str,
+        bound: Duration,
+        op: &mut F,
+    ) -> std::result::Result<T, Failure>
     where
         F: FnMut(Handles) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         let index = self.current();
         let result = match self.handles(index).await {
-            Ok(handles) => self.once(what, op(handles)).await,
+            Ok(handles) => {
+                let watch = self.watch_leader(index, &handles);
+                once(what, bound, op(handles.clone()), watch).await
+            }
             Err(failure) => Err(failure),
         };
-        if let Err(Failure::Retryable(_)) = &result {
-            self.rotate(index);
+        let member = &self.shared.members[index];
+        match &result {
+            Ok(answer) => {
+                if let Some(term) = answer.term() {
+                    self.shared.term.fetch_max(term, Ordering::Relaxed);
+                }
+                member.set_down(false);
+            }
+            Err(Failure::Retryable(_)) => self.rotate(index),
+            Err(Failure::Down(_)) => {
+                member.set_down(true);
+                self.rotate(index);
+            }
+            Err(Failure::Moved(_) | Failure::Final(_)) => {}
         }
         result
     }
 
-    /// Bounds `fut` by the request timeout and sorts its failure.
-    async fn once<T>(
-        &self,
-        what: &str,
-        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> std::result::Result<T, Failure> {
-        match tokio::time::timeout(self.request_timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(err)) => {
-                let retry = retryable(&err);
-                let err = Error::registry(BACKEND, what.to_string(), err);
-                Err(if retry {
-                    Failure::Retryable(err)
-                } else {
-                    Failure::Final(err)
-                })
+    /// Ends (with the failure to report) once member `index` has lost the
+    /// leader it had when this started; never ends while that leader stays.
+    async fn watch_leader(&self, index: usize, handles: &Handles) -> Failure {
+        let Some(member) = self.shared.members.get(index) else {
+            return std::future::pending().await;
+        };
+        // The latest raft term any member answered in before this request
+        // (terms are cluster-wide), or else the first probe's. A term that
+        // moved on without us only costs one needless retry.
+        let mut known = self.shared.term.load(Ordering::Relaxed);
+        tokio::time::sleep(PROBE_AFTER).await;
+        loop {
+            match self.probe(member, handles).await.seen {
+                Seen::NoLeader => {
+                    return Failure::Retryable(Error::registry_msg(
+                        BACKEND,
+                        format!("{} lost its leader while the request was pending", member.endpoint),
+                    ))
+                }
+                Seen::Leader { term } if known == 0 => known = term,
+                Seen::Leader { term } if term > known => {
+                    return Failure::Moved(Error::registry_msg(
+                        BACKEND,
+                        format!(
+                            "{} moved to raft term {term} while the request (sent in term {known}) was pending",
+                            member.endpoint
+                        ),
+                    ))
+                }
+                Seen::Leader { .. } | Seen::Unknown => {}
             }
-            Err(_) => Err(Failure::Retryable(Error::Timeout {
-                what: format!("etcd: {what}"),
-                after: self.request_timeout,
-            })),
+            tokio::time::sleep(PROBE_EVERY).await;
         }
+    }
+
+    /// Asks `member` for its leader, or returns a probe of the last
+    /// [`PROBE_EVERY`] (requests waiting on one member share its probes).
+    async fn probe(&self, member: &Member, handles: &Handles) -> Probe {
+        let mut last = member.probe.lock().await;
+        if let Some(probe) = *last {
+            if probe.at.elapsed() < PROBE_EVERY / 2 {
+                return probe;
+            }
+        }
+        let mut maintenance = handles.client.maintenance_client();
+        let seen = match tokio::time::timeout(PROBE_TIMEOUT, maintenance.status()).await {
+            Ok(Ok(status)) if status.leader() != 0 => Seen::Leader {
+                term: status.raft_term(),
+            },
+            Ok(Ok(_)) => Seen::NoLeader,
+            // The probe itself requires a leader: "no leader" is an answer.
+            Ok(Err(err)) if is_no_leader(&err) => Seen::NoLeader,
+            Ok(Err(_)) | Err(_) => Seen::Unknown,
+        };
+        if let Seen::Leader { term } = seen {
+            self.shared.term.fetch_max(term, Ordering::Relaxed);
+        }
+        let probe = Probe {
+            at: Instant::now(),
+            seen,
+        };
+        *last = Some(probe);
+        probe
     }
 
     /// Every key/value under `prefix`, in key order, read page by page at
@@ -604,7 +846,7 @@ impl EtcdRegistry {
                 options = options.with_keys_only();
             }
             let mut resp = self
-                .retrying(what, |h| {
+                .retrying_long(what, |h| {
                     let (from, options) = (from.clone(), options.clone());
                     async move {
                         let mut kv = h.kv;
@@ -656,9 +898,14 @@ impl EtcdRegistry {
         }
     }
 
-    /// One attempt of a transaction.
-    async fn txn(&self, what: &str, txn: &Txn) -> std::result::Result<TxnResponse, Failure> {
-        self.attempt(what, &mut |h: Handles| {
+    /// One attempt of a transaction, bounded by `bound`.
+    async fn txn(
+        &self,
+        what: &str,
+        txn: &Txn,
+        bound: Duration,
+    ) -> std::result::Result<TxnResponse, Failure> {
+        self.attempt(what, bound, &mut |h: Handles| {
             let txn = txn.clone();
             async move {
                 let mut kv = h.kv;
@@ -668,67 +915,63 @@ impl EtcdRegistry {
         .await
     }
 
-    /// The claim algorithm for one task (see the module docs).
-    ///
-    /// `uncertain` says that an earlier attempt to store this very `claim`
-    /// may have been applied: finding exactly it stored then means we won.
-    async fn claim_one(
-        &self,
-        ns: &str,
-        task: &str,
-        claim: &Claim,
-        uncertain: bool,
-    ) -> Result<bool> {
+    /// The claim algorithm for one task (see the module docs): decide with
+    /// [`Claim::against`] on what is stored, write with a compare-and-set on
+    /// the key's revision, and after a failed compare or a request whose
+    /// outcome is unknown, decide again on what is stored then (our own
+    /// earlier write, whose answer was lost, is found as ours: won).
+    async fn claim_one(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
         let key = key(ns, "claims", task);
         let cache_key = (ns.to_string(), task.to_string());
         let value = codec::encode(claim);
-        // What we believe is stored: None = absent or unknown (try to create).
+        // What we believe is stored: `None` = absent or unknown (try to
+        // create; a failed create returns what is stored). Our last claim of
+        // an older fire time is known without a read.
         let mut seen: Option<Stored> = self
             .claim_revs()
             .get(&cache_key)
             .filter(|(_, fire_time)| *fire_time < claim.fire_time)
             .map(|&(mod_revision, fire_time)| Stored {
                 mod_revision,
-                claim: Some(Claim {
-                    fire_time,
-                    node: String::new(),
-                    claimed_at: 0,
-                }),
+                claim: Some(Claim::new(fire_time, "", "", 0)),
             });
-        // Set after a request whose outcome is unknown (it may have been
-        // applied): finding exactly our claim stored then means we won.
-        let mut uncertain = uncertain;
-        let mut errors = 0;
+        // Every attempt is short (the attempt timeout): one stalled at a
+        // member that lost its leader is abandoned and tried again, on the
+        // next member, until the request timeout.
+        let deadline = Instant::now() + self.request_timeout;
+        let mut pause = FIRST_RETRY_PAUSE;
         let mut rounds = 0;
-        let attempts = ATTEMPTS.max(self.shared.members.len() as u32 + 1);
         loop {
             let compare = match &seen {
                 None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                Some(stored) => {
-                    if let Some(current) = &stored.claim {
-                        if current.fire_time >= claim.fire_time {
-                            return Ok(uncertain && current == claim);
-                        }
+                Some(stored) => match claim.against(stored.claim.as_ref()) {
+                    None => return Ok(true),
+                    Some(false) => return Ok(false),
+                    Some(true) => {
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, stored.mod_revision)
                     }
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, stored.mod_revision)
-                }
+                },
             };
             let txn = Txn::new()
                 .when([compare])
                 .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let resp = match self.txn("claim a fire time", &txn).await {
+            let bound = self.attempt_bound(deadline);
+            let resp = match self.txn("claim a fire time", &txn, bound).await {
                 Ok(resp) => resp,
                 Err(Failure::Final(err)) => return Err(err),
-                Err(Failure::Retryable(err)) => {
-                    errors += 1;
-                    if errors >= attempts {
+                Err(failure) => {
+                    let wait = retry_pause(&failure, &mut pause);
+                    let err = failure.into_error();
+                    if Instant::now() + wait >= deadline {
                         return Err(err);
                     }
-                    tracing::debug!(backend = BACKEND, task, %err, "claim outcome unknown; reading back");
-                    uncertain = true;
-                    tokio::time::sleep(Duration::from_millis(25) * errors).await;
-                    seen = self.read_claim(&key).await?;
+                    // The write may have been applied. Sending the same
+                    // transaction again settles it in one round trip: if it
+                    // was applied, its compare now fails and the else branch
+                    // returns the stored claim, ours (won by its token).
+                    tracing::debug!(backend = BACKEND, task, error = ?err, "claim outcome unknown; trying again");
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };
@@ -751,16 +994,6 @@ impl EtcdRegistry {
             seen = stored_from_get(&key, &resp);
         }
     }
-
-    async fn read_claim(&self, key: &str) -> Result<Option<Stored>> {
-        let resp = self
-            .retrying("read a claim", |h| async move {
-                let mut kv = h.kv;
-                kv.get(key, None).await
-            })
-            .await?;
-        Ok(resp.kvs().first().map(|kv| stored(key, kv)))
-    }
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked
@@ -769,12 +1002,121 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Bounds `fut` by `bound`, abandons it when `watch` ends first, and sorts
+/// its failure. A request cut off is cancelled (its HTTP/2 stream reset);
+/// it may have been applied.
+async fn once<T>(
+    what: &str,
+    bound: Duration,
+    fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    watch: impl Future<Output = Failure>,
+) -> std::result::Result<T, Failure> {
+    let result = tokio::select! {
+        result = tokio::time::timeout(bound, fut) => result,
+        failure = watch => return Err(failure),
+    };
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(err)) => Err(Failure::of(err, what.to_string())),
+        Err(_) => Err(Failure::Retryable(Error::Timeout {
+            what: format!("etcd: {what}"),
+            after: bound,
+        })),
+    }
+}
+
+/// The pause before trying again after `failure`: none after a leader
+/// change or an unreachable member (the next try goes to a member that
+/// knows the new leader, or to another member), else `pause`, doubling up
+/// to [`MAX_RETRY_PAUSE`].
+fn retry_pause(failure: &Failure, pause: &mut Duration) -> Duration {
+    match failure {
+        Failure::Moved(_) | Failure::Down(_) => Duration::ZERO,
+        Failure::Retryable(_) | Failure::Final(_) => {
+            let wait = *pause;
+            *pause = (*pause * 2).min(MAX_RETRY_PAUSE);
+            wait
+        }
+    }
+}
+
+/// An answer of etcd, and the raft term it was given in (if it says).
+trait Answer {
+    fn term(&self) -> Option<u64>;
+}
+
+macro_rules! answer_with_header {
+    ($($t:ty),* $(,)?) => {$(
+        impl Answer for $t {
+            fn term(&self) -> Option<u64> {
+                self.header().map(|h| h.raft_term())
+            }
+        }
+    )*};
+}
+
+answer_with_header!(
+    etcd_client::GetResponse,
+    etcd_client::PutResponse,
+    etcd_client::DeleteResponse,
+    TxnResponse,
+    etcd_client::LeaseGrantResponse,
+    etcd_client::LeaseRevokeResponse,
+    etcd_client::StatusResponse,
+);
+
+impl Answer for () {
+    fn term(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl Answer for etcd_client::WatchStream {
+    fn term(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// How a request failed.
 enum Failure {
-    /// Worth another try (transport, no leader, timeout); may have been applied.
+    /// Worth another try on the next member after a short pause (no
+    /// leader, timeout); may have been applied.
     Retryable(Error),
+    /// The member is unreachable (connection refused or broken): another
+    /// try on the next member, skipping this one for a while; may have
+    /// been applied.
+    Down(Error),
+    /// The member's leader changed while the request was pending (so it
+    /// was dropped, or applied): another try at once, on the same member,
+    /// which knows the new leader.
+    Moved(Error),
     /// Retrying cannot help.
     Final(Error),
+}
+
+impl Failure {
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Retryable(err)
+            | Failure::Down(err)
+            | Failure::Moved(err)
+            | Failure::Final(err) => err,
+        }
+    }
+
+    /// The failure of an etcd call, sorted.
+    fn of(err: etcd_client::Error, context: String) -> Failure {
+        let down = unreachable(&err);
+        let retry = retryable(&err);
+        let err = Error::registry(BACKEND, context, err);
+        if down {
+            Failure::Down(err)
+        } else if retry {
+            Failure::Retryable(err)
+        } else {
+            Failure::Final(err)
+        }
+    }
 }
 
 /// A stored claim watermark as read: its revision and value (`None` = corrupt).
@@ -810,6 +1152,18 @@ mod code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
+/// Whether `err` says the member could not be reached (a client-side
+/// transport failure, not an answer of the member).
+fn unreachable(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() as i32 == code::UNAVAILABLE && std::error::Error::source(status).is_some()
+        }
+        _ => false,
+    }
+}
+
 fn retryable(err: &etcd_client::Error) -> bool {
     match err {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -827,6 +1181,12 @@ fn retryable(err: &etcd_client::Error) -> bool {
         etcd_client::Error::WatchError(_) => true,
         _ => false,
     }
+}
+
+/// Whether `err` is etcd's "no leader" answer (to a request requiring one).
+fn is_no_leader(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() as i32 == code::UNAVAILABLE && status.message().contains("no leader"))
 }
 
 /// The library's words for a keep-alive answered with TTL <= 0.
@@ -1127,64 +1487,46 @@ impl Registry for EtcdRegistry {
     }
 
     async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {
-        self.claim_one(ns, task, claim, false).await
+        self.claim_one(ns, task, claim).await
     }
 
-    /// Claims run concurrently (at most 32 in flight), each its own atomic
-    /// compare-and-set. A claim that still fails after its retries is tried
-    /// again in up to two more passes. If some still fail after that, the
-    /// call fails when nothing was won, and otherwise reports them as not
-    /// won (logged as errors: those fires are lost) so that the won ones run.
-    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Result<Vec<bool>> {
-        let mut won = vec![false; tasks.len()];
-        let mut pending: Vec<usize> = (0..tasks.len()).collect();
-        let mut last_err = None;
-        for pass in 0..CLAIM_PASSES {
-            if pass > 0 {
-                tokio::time::sleep(Duration::from_millis(200) * pass).await;
+    /// Claims run concurrently (at most 32 in flight), each its own atomic,
+    /// idempotent compare-and-set with its own retries (short attempts, up
+    /// to the request timeout). A claim still failing after them is
+    /// `Failed`; every other one keeps its answer.
+    async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
+        let mut out: Vec<Option<ClaimOutcome>> = (0..tasks.len()).map(|_| None).collect();
+        let mut running = JoinSet::new();
+        let mut ids = HashMap::new();
+        let mut queue = 0..tasks.len();
+        loop {
+            while running.len() < CLAIM_CONCURRENCY {
+                let Some(index) = queue.next() else { break };
+                let registry = self.clone();
+                let (ns, task, claim) = (ns.to_string(), tasks[index].to_string(), claim.clone());
+                let handle =
+                    running.spawn(async move { registry.claim_one(&ns, &task, &claim).await });
+                ids.insert(handle.id(), index);
             }
-            let mut running = JoinSet::new();
-            let mut queue = std::mem::take(&mut pending).into_iter();
-            loop {
-                while running.len() < CLAIM_CONCURRENCY {
-                    let Some(index) = queue.next() else { break };
-                    let registry = self.clone();
-                    let (ns, task, claim) =
-                        (ns.to_string(), tasks[index].to_string(), claim.clone());
-                    // From the second pass on, an earlier attempt may have
-                    // stored this very claim.
-                    let uncertain = pass > 0;
-                    running.spawn(async move {
-                        (
-                            index,
-                            registry.claim_one(&ns, &task, &claim, uncertain).await,
-                        )
-                    });
-                }
-                match running.join_next().await {
-                    Some(Ok((index, Ok(w)))) => won[index] = w,
-                    Some(Ok((index, Err(err)))) => {
-                        pending.push(index);
-                        last_err = Some(err);
-                    }
-                    Some(Err(err)) => {
-                        return Err(Error::registry(BACKEND, "a claim task failed", err));
-                    }
-                    None => break,
-                }
-            }
-            if pending.is_empty() {
-                return Ok(won);
+            let (index, result) = match running.join_next_with_id().await {
+                Some(Ok((id, result))) => (ids.get(&id).copied(), result),
+                Some(Err(err)) => (
+                    ids.get(&err.id()).copied(),
+                    Err(Error::registry(BACKEND, "a claim task failed", err)),
+                ),
+                None => break,
+            };
+            if let Some(slot) = index.and_then(|i| out.get_mut(i)) {
+                *slot = Some(ClaimOutcome::from_result(result));
             }
         }
-        let err = last_err.unwrap_or_else(|| Error::registry_msg(BACKEND, "claims failed"));
-        if won.iter().any(|w| *w) {
-            tracing::error!(backend = BACKEND, %err, failed = pending.len(), won = won.iter().filter(|w| **w).count(),
-                "claims failed after retries; reporting them as not won so that the won ones run (those fires are lost)");
-            Ok(won)
-        } else {
-            Err(err)
-        }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    ClaimOutcome::Failed(Error::registry_msg(BACKEND, "claim not attempted"))
+                })
+            })
+            .collect()
     }
 
     async fn claims(&self, ns: &str) -> Result<Vec<(String, Claim)>> {
@@ -1312,14 +1654,19 @@ impl Feed {
                 client.watch(start, Some(options)).await
             }
         };
-        let open = registry.attempt("open a watch stream", &mut open_stream);
+        let open = registry.attempt(
+            "open a watch stream",
+            registry.request_timeout,
+            &mut open_stream,
+        );
         let opened = tokio::select! {
             _ = self.tx.closed() => return Ended::Closed,
             opened = open => opened,
         };
         let mut stream = match opened {
             Ok(stream) => stream,
-            Err(Failure::Final(err) | Failure::Retryable(err)) => {
+            Err(failure) => {
+                let err = failure.into_error();
                 tracing::warn!(backend = BACKEND, ns = %self.ns, %err, "watch: cannot open the stream; retrying");
                 return Ended::Broken;
             }
