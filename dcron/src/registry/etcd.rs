@@ -475,9 +475,10 @@ impl EtcdRegistry {
 
     /// Uses an existing client (its own endpoints, TLS, auth and timeouts
     /// apply; every call is also bounded by the request timeout, default
-    /// 5 s). Nothing is sent until the first call. Requests are retried on
-    /// the same client, so prefer [`connect`](Self::connect) with every
-    /// member for fail-over.
+    /// 5 s, retries included, and each attempt of a small request by the
+    /// attempt timeout, default 1 s). Nothing is sent until the first call.
+    /// Requests are retried on the same client, so prefer
+    /// [`connect`](Self::connect) with every member for fail-over.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -673,7 +674,7 @@ impl EtcdRegistry {
                 Err(Failure::Final(err)) => return Err(err),
                 Err(failure) => failure,
             };
-            let wait = retry_pause(&failure, &mut pause);
+            let wait = self.retry_pause(&failure, &mut pause);
             let err = failure.into_error();
             if Instant::now() + wait >= deadline {
                 return Err(err);
@@ -701,7 +702,7 @@ impl EtcdRegistry {
                 Err(Failure::Final(err)) => return Err(err),
                 Err(failure) => failure,
             };
-            let wait = retry_pause(&failure, &mut pause);
+            let wait = self.retry_pause(&failure, &mut pause);
             let err = failure.into_error();
             if attempt >= attempts {
                 return Err(err);
@@ -710,6 +711,28 @@ impl EtcdRegistry {
             attempt += 1;
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// The pause before trying again after `failure`: none after a leader
+    /// change (the member knows the new leader), nor after an unreachable
+    /// member when the request moved on to one not found unreachable; else
+    /// `pause`, doubling up to [`MAX_RETRY_PAUSE`].
+    fn retry_pause(&self, failure: &Failure, pause: &mut Duration) -> Duration {
+        let at_once = match failure {
+            Failure::Moved(_) => true,
+            Failure::Down(_) => self
+                .shared
+                .members
+                .get(self.current())
+                .is_some_and(|m| !m.is_down()),
+            Failure::Retryable(_) | Failure::Final(_) => false,
+        };
+        if at_once {
+            return Duration::ZERO;
+        }
+        let wait = *pause;
+        *pause = (*pause * 2).min(MAX_RETRY_PAUSE);
+        wait
     }
 
     /// The bound on the next attempt of a request that must end by `deadline`.
@@ -961,7 +984,7 @@ impl EtcdRegistry {
                 Ok(resp) => resp,
                 Err(Failure::Final(err)) => return Err(err),
                 Err(failure) => {
-                    let wait = retry_pause(&failure, &mut pause);
+                    let wait = self.retry_pause(&failure, &mut pause);
                     let err = failure.into_error();
                     if Instant::now() + wait >= deadline {
                         return Err(err);
@@ -1022,21 +1045,6 @@ async fn once<T>(
             what: format!("etcd: {what}"),
             after: bound,
         })),
-    }
-}
-
-/// The pause before trying again after `failure`: none after a leader
-/// change or an unreachable member (the next try goes to a member that
-/// knows the new leader, or to another member), else `pause`, doubling up
-/// to [`MAX_RETRY_PAUSE`].
-fn retry_pause(failure: &Failure, pause: &mut Duration) -> Duration {
-    match failure {
-        Failure::Moved(_) | Failure::Down(_) => Duration::ZERO,
-        Failure::Retryable(_) | Failure::Final(_) => {
-            let wait = *pause;
-            *pause = (*pause * 2).min(MAX_RETRY_PAUSE);
-            wait
-        }
     }
 }
 
