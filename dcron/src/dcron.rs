@@ -951,8 +951,7 @@ impl Inner {
                     tracing::info!(node = %id, "own node record is readable again");
                 }
                 if !alive {
-                    tracing::warn!(node = %id, "registration lost (expired or evicted); re-registering");
-                    self.reregister().await?;
+                    self.registration_lost(&id).await?;
                 }
                 Ok(Beat::Alive)
             }
@@ -985,8 +984,7 @@ impl Inner {
                 Ok(Beat::Alive)
             }
             None if !alive => {
-                tracing::warn!(node = %id, "registration lost (expired or evicted); re-registering");
-                self.reregister().await?;
+                self.registration_lost(&id).await?;
                 Ok(Beat::Alive)
             }
             None => {
@@ -998,6 +996,12 @@ impl Inner {
                 Ok(Beat::Alive)
             }
         }
+    }
+
+    /// The registry dropped this node's registration: registers again.
+    async fn registration_lost(&self, id: &str) -> Result<()> {
+        tracing::warn!(node = %id, "registration lost (expired or evicted); re-registering");
+        self.reregister().await
     }
 
     /// Rewrites this node's record, keeping its liveness binding if the
