@@ -1,7 +1,7 @@
 //! The Consul backend: KV store, sessions and blocking queries over
 //! Consul's HTTP API (`reqwest`, a handful of endpoints written by hand).
 //!
-//! Key layout for namespace `ns` (DESIGN §4):
+//! Key layout for namespace `ns` (`docs/design.md`, section 3):
 //!
 //! | key | value | written with |
 //! |---|---|---|

@@ -1,6 +1,6 @@
 //! The etcd v3 registry (cargo feature `etcd`).
 //!
-//! Key layout for namespace `ns` (DESIGN §4):
+//! Key layout for namespace `ns` (`docs/design.md`, section 3):
 //!
 //! | data | key | value |
 //! |---|---|---|

@@ -1,7 +1,7 @@
 //! The Redis registry (cargo feature `redis`), on redis-rs with tokio and a
 //! [`ConnectionManager`].
 //!
-//! Key layout for namespace `ns` (DESIGN §4). Every key carries the hash tag
+//! Key layout for namespace `ns` (`docs/design.md`, section 3). Every key carries the hash tag
 //! `{ns}`, so a Redis Cluster keeps a namespace in one slot and the scripts
 //! below may touch all of its keys:
 //!

@@ -1,7 +1,7 @@
 //! The ZooKeeper registry (cargo feature `zookeeper`), on the async
 //! [`zookeeper_client`] crate.
 //!
-//! Layout under the namespace `ns` (DESIGN §4), parents created as needed:
+//! Layout under the namespace `ns` (`docs/design.md`, section 3), parents created as needed:
 //!
 //! | data | znode | kind |
 //! |---|---|---|
