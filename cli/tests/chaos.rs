@@ -465,16 +465,27 @@ impl Chaos {
     }
 
     fn graceful_restart(&mut self, id: &str) {
-        self.phases.push(Phase {
-            name: "sigterm".into(),
-            start: now_ms(),
-            fault: 0,
-        });
+        let start = now_ms();
         match self.agent(id).stop(Duration::from_secs(20)) {
             Ok(status) if status.success() => {}
             Ok(status) => self.bail(&format!("agent {id} exited with {status} on SIGTERM")),
             Err(e) => self.bail(&e),
         }
+        // The handoff travels through the registry's change feed: its
+        // fault is how long the feed took to show the agent leaving (an
+        // outside watcher's view, so a loaded machine widens the bound by
+        // what the feed itself took, not by what the agents took).
+        let seen = self.watch.as_ref().and_then(|w| {
+            w.wait_for(start, Duration::from_secs(5), |v| {
+                node_event(v, "node_leave", id)
+                    || (node_event(v, "node_update", id) && v["node"]["status"] == "leaving")
+            })
+        });
+        self.phases.push(Phase {
+            name: "sigterm".into(),
+            start,
+            fault: seen.map_or(0, |t| (t - start).max(0)),
+        });
         std::thread::sleep(Duration::from_secs(3));
         self.agent(id).spawn();
         self.wait_working();
