@@ -50,11 +50,14 @@ pub enum Error {
     /// An option has a value that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// The registry failed; `source` has the backend's cause.
+    /// The registry failed; `kind` says whether retrying can help,
+    /// `source` has the backend's cause.
     #[error("{backend} registry: {context}")]
     Registry {
         /// Which backend (`memory`, `redis`, `etcd`, `zookeeper`, `consul`).
         backend: &'static str,
+        /// What sort of failure it is.
+        kind: RegistryErrorKind,
         /// What dcron was doing.
         context: String,
         /// The client library's error, if any.
@@ -107,7 +110,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// A registry failure with the backend's error as its source.
+    /// A registry failure of kind [`Other`](RegistryErrorKind::Other) with
+    /// the backend's error as its source.
     pub fn registry(
         backend: &'static str,
         context: impl Into<String>,
@@ -115,6 +119,7 @@ impl Error {
     ) -> Self {
         Error::Registry {
             backend,
+            kind: RegistryErrorKind::Other,
             context: context.into(),
             source: Some(source.into()),
         }
@@ -124,10 +129,66 @@ impl Error {
     pub fn registry_msg(backend: &'static str, context: impl Into<String>) -> Self {
         Error::Registry {
             backend,
+            kind: RegistryErrorKind::Other,
             context: context.into(),
             source: None,
         }
     }
+
+    /// A registry that could not be reached or did not answer in time.
+    pub fn unavailable(
+        backend: &'static str,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::registry(backend, context, source).with_kind(RegistryErrorKind::Unavailable)
+    }
+
+    /// The same registry error with another kind (other errors unchanged).
+    pub fn with_kind(mut self, new: RegistryErrorKind) -> Self {
+        if let Error::Registry { kind, .. } = &mut self {
+            *kind = new;
+        }
+        self
+    }
+
+    /// What sort of registry failure this is, for registry errors.
+    pub fn registry_kind(&self) -> Option<RegistryErrorKind> {
+        match self {
+            Error::Registry { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// Whether trying the same call again later may succeed: the registry
+    /// was unavailable or a bounded wait ran out. Every retry loop of the
+    /// crate and of its backends decides with this.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. }
+                | Error::Registry {
+                    kind: RegistryErrorKind::Unavailable,
+                    ..
+                }
+        )
+    }
+}
+
+/// The sort of a registry failure ([`Error::Registry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryErrorKind {
+    /// The registry could not be reached or did not answer in time
+    /// (connection refused or lost, timeout, no leader, session moving):
+    /// retrying later may succeed.
+    Unavailable,
+    /// The registry refused the request (authentication, permission,
+    /// quota, a request it cannot take): retrying does not help until the
+    /// configuration changes.
+    Rejected,
+    /// Anything else, such as an answer dcron does not understand.
+    Other,
 }
 
 /// Why a fire did not run ([`Error::FireMissed`]).

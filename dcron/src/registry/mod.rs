@@ -21,6 +21,8 @@ use crate::task::TaskMeta;
 
 pub mod codec;
 mod fault;
+#[allow(dead_code)] // adopted by the backends one by one
+pub(crate) mod kit;
 mod memory;
 
 pub use fault::FaultRegistry;
