@@ -24,8 +24,10 @@ mod fault;
 #[allow(dead_code)] // adopted by the backends one by one
 pub(crate) mod kit;
 mod memory;
+mod url;
 
 pub use fault::FaultRegistry;
+pub use url::{connect, redact, RegistryUrl};
 pub use memory::{MemoryRegistry, RawKind};
 
 /// A per-task watermark: the latest fire time claimed, by whom, and when.
