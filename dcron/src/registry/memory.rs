@@ -144,10 +144,18 @@ impl MemoryRegistry {
             RawKind::Tombstone => {
                 space.tombstones.insert(name.to_string(), raw);
             }
+            // A value that decodes is a watermark like any other (written
+            // by an older version, say); anything else stays corrupt.
             RawKind::Claim => {
-                space
-                    .claims
-                    .insert(name.to_string(), ClaimSlot::Corrupt(raw));
+                let slot = match serde_json::from_slice::<Claim>(&raw) {
+                    Ok(claim) => ClaimSlot::Valid {
+                        fire_time: claim.fire_time,
+                        node: space.claimer(&claim),
+                        claimed_at: claim.claimed_at,
+                    },
+                    Err(_) => ClaimSlot::Corrupt(raw),
+                };
+                space.claims.insert(name.to_string(), slot);
             }
         }
     }

@@ -47,6 +47,13 @@ pub trait Harness: Send + Sync {
     async fn crash(&self, registry: &Arc<dyn Registry>, ns: &str, node_id: &str) {
         let _ = (registry, ns, node_id);
     }
+
+    /// The registry URL of this backend at `host_port` (e.g.
+    /// `redis://host:port`), or `None` for a backend without a server.
+    fn url_at(&self, host_port: &str) -> Option<String> {
+        let _ = host_port;
+        None
+    }
 }
 
 /// Expands the whole suite as `#[tokio::test]`s for the harness expression.
@@ -72,6 +79,10 @@ macro_rules! suite {
                 namespaces_isolated,
                 corrupt_values_skipped,
                 many_tasks,
+                tokenless_and_odd_watermarks,
+                large_batch_outcomes_in_order,
+                dropped_watches_end,
+                unreachable_server_fails_in_bounded_time,
             );
         }
     };
@@ -808,4 +819,165 @@ pub async fn many_tasks(h: &impl Harness) {
     assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
     assert_eq!(r.claims(&ns).await.expect("claims").len(), N);
     r.clear(&ns).await.expect("clear");
+}
+
+/// Watermarks written by older versions (no token) are never "ours", a
+/// token of the wrong type makes a watermark corrupt (skipped, overwritten),
+/// and a claim without a token is not idempotent.
+pub async fn tokenless_and_odd_watermarks(h: &impl Harness) {
+    let r = h.registry().await;
+    let ns = fresh_ns("claim-tokens");
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "legacy",
+        br#"{"fire_time":5000,"node":"me","claimed_at":1}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(stored.len(), 1, "a watermark without a token decodes");
+    assert!(stored[0].1.token.is_empty());
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "me/1", 5_001))
+        .await
+        .expect("same fire time over a tokenless watermark"));
+    assert!(!r
+        .claim(&ns, "legacy", &Claim::new(5_000, "me", "", 5_001))
+        .await
+        .expect("an empty token is never ours"));
+    assert!(r
+        .claim(&ns, "legacy", &Claim::new(6_000, "me", "me/1", 6_001))
+        .await
+        .expect("newer"));
+    h.write_raw(
+        &ns,
+        RawKind::Claim,
+        "bad-token",
+        br#"{"fire_time":9000,"node":"x","claimed_at":1,"token":7}"#,
+    )
+    .await;
+    let stored = r.claims(&ns).await.expect("claims");
+    assert_eq!(
+        stored.len(),
+        1,
+        "a watermark with a non-string token is corrupt"
+    );
+    assert!(r
+        .claim(&ns, "bad-token", &Claim::new(1_000, "me", "me/1", 1_001))
+        .await
+        .expect("claim over a corrupt watermark"));
+    let tokenless = Claim::new(7_000, "me", "", 7_001);
+    assert!(r.claim(&ns, "plain", &tokenless).await.expect("claim"));
+    assert!(!r
+        .claim(&ns, "plain", &tokenless)
+        .await
+        .expect("no token, no idempotency"));
+    let stored = r_claims(&r, &ns).await;
+    assert_eq!(
+        stored["plain"], tokenless,
+        "an empty token is stored as none"
+    );
+    r.clear(&ns).await.expect("clear");
+}
+
+/// A batch larger than any backend's round trip (script call, transaction,
+/// pipeline): every outcome is in its task's position (fresh, already ours,
+/// someone else's), and the stored watermarks agree.
+pub async fn large_batch_outcomes_in_order(h: &impl Harness) {
+    const SIZE: usize = 2_500;
+    let r = h.registry().await;
+    let other = h.registry().await;
+    let ns = fresh_ns("claim-batch-order");
+    let names: Vec<String> = (0..SIZE).map(|i| format!("task-{i:05}")).collect();
+    let pick = |keep: fn(usize) -> bool| -> Vec<&str> {
+        names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, n)| n.as_str())
+            .collect()
+    };
+    let theirs = pick(|i| i % 7 == 0);
+    let ours = pick(|i| i % 7 != 0 && i % 11 == 0);
+    let mine = Claim::new(50_000, "me", "me/1", 50_001);
+    let rival = Claim::new(50_000, "rival", "rival/1", 50_002);
+    let pre = other.claim_many(&ns, &theirs, &rival).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let pre = r.claim_many(&ns, &ours, &mine).await;
+    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let got = answers(r.claim_many(&ns, &refs, &mine).await);
+    assert_eq!(got.len(), SIZE);
+    for (i, answer) in got.iter().enumerate() {
+        assert_eq!(*answer, Some(i % 7 != 0), "task {i}");
+    }
+    let stored = r_claims(&r, &ns).await;
+    assert_eq!(stored.len(), SIZE);
+    for (name, c) in &stored {
+        let i: usize = name["task-".len()..].parse().expect("index");
+        let owner = if i % 7 == 0 { "rival" } else { "me" };
+        assert_eq!(c.node, owner, "{name}");
+    }
+    r.clear(&ns).await.expect("clear");
+}
+
+/// Dropping a watch's receiver ends its feed: writes afterwards neither fail
+/// nor block on it, many dropped feeds leak nothing that stops a new one,
+/// and a new watch on the same client still delivers.
+pub async fn dropped_watches_end(h: &impl Harness) {
+    let r = h.registry().await;
+    let ns = fresh_ns("drop-watch");
+    for _ in 0..20 {
+        drop(r.watch(&ns).await.expect("watch"));
+    }
+    for i in 0..10 {
+        r.put_task(&ns, &TaskMeta::new(format!("t{i}"), "* * * * *"), false)
+            .await
+            .expect("put after dropped watches");
+    }
+    let mut rx = r.watch(&ns).await.expect("watch again");
+    r.put_tombstone(&ns, "t3").await.expect("tombstone");
+    expect_event(
+        &mut rx,
+        EVENT_WAIT,
+        "the tombstone",
+        |ev| matches!(ev, WatchEvent::TombstonePut(n) if n == "t3"),
+    )
+    .await;
+    r.clear(&ns).await.expect("clear");
+}
+
+/// A server that is not there: connecting (or, for a backend that connects
+/// lazily, the first call) fails within a bound, with a registry error
+/// naming the backend that says retrying may help.
+pub async fn unreachable_server_fails_in_bounded_time(h: &impl Harness) {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let Some(url) = h.url_at(&format!("127.0.0.1:{port}")) else {
+        return;
+    };
+    const BOUND: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let attempt = async {
+        let registry = dcron::registry::connect(&url).await?;
+        registry.nodes("conf-unreachable").await.map(drop)
+    };
+    let err = match tokio::time::timeout(BOUND, attempt).await {
+        Ok(Err(err)) => err,
+        Ok(Ok(())) => panic!("{url}: a call succeeded without a server"),
+        Err(_) => panic!("{url}: no answer within {BOUND:?}"),
+    };
+    let took = started.elapsed();
+    assert!(
+        matches!(&err, Error::Registry { .. } | Error::Timeout { .. }),
+        "{url}: {err:?}"
+    );
+    assert!(
+        err.is_retryable(),
+        "{url}: an unreachable server is retryable: {err:?}"
+    );
+    eprintln!("{url}: failed after {took:?}: {err}");
 }
