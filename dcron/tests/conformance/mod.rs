@@ -897,8 +897,8 @@ pub async fn large_batch_outcomes_in_order(h: &impl Harness) {
             .map(|(_, n)| n.as_str())
             .collect()
     };
-    let theirs = pick(|i| i % 7 == 0);
-    let ours = pick(|i| i % 7 != 0 && i % 11 == 0);
+    let theirs = pick(|i| i.is_multiple_of(7));
+    let ours = pick(|i| !i.is_multiple_of(7) && i.is_multiple_of(11));
     let mine = Claim::new(50_000, "me", "me/1", 50_001);
     let rival = Claim::new(50_000, "rival", "rival/1", 50_002);
     let pre = other.claim_many(&ns, &theirs, &rival).await;
@@ -909,13 +909,13 @@ pub async fn large_batch_outcomes_in_order(h: &impl Harness) {
     let got = answers(r.claim_many(&ns, &refs, &mine).await);
     assert_eq!(got.len(), SIZE);
     for (i, answer) in got.iter().enumerate() {
-        assert_eq!(*answer, Some(i % 7 != 0), "task {i}");
+        assert_eq!(*answer, Some(!i.is_multiple_of(7)), "task {i}");
     }
     let stored = r_claims(&r, &ns).await;
     assert_eq!(stored.len(), SIZE);
     for (name, c) in &stored {
         let i: usize = name["task-".len()..].parse().expect("index");
-        let owner = if i % 7 == 0 { "rival" } else { "me" };
+        let owner = if i.is_multiple_of(7) { "rival" } else { "me" };
         assert_eq!(c.node, owner, "{name}");
     }
     r.clear(&ns).await.expect("clear");
