@@ -387,6 +387,8 @@ pub fn redact(url: &str) -> String {
         Some(at) => {
             let shown = match rest[..at].split_once(':') {
                 Some((user, _)) => format!("{user}:***"),
+                // Consul has no users: whatever stands there is a token.
+                None if scheme.to_ascii_lowercase().starts_with("consul") => "***".to_string(),
                 None => rest[..at].to_string(),
             };
             format!("{scheme}://{shown}{}", &rest[at..])
@@ -647,7 +649,8 @@ mod tests {
                 datacenter: Some("eu1".into())
             }
         );
-        assert!(message("consul://tok@host:8500").contains("credentials"));
+        let m = message("consul://s3cretPW@host:8500");
+        assert!(m.contains("credentials") && !m.contains("s3cretPW"), "{m}");
         assert!(message("consul://a:1,b:2").contains("one agent"));
         assert!(message("consul://a:1?token=x").contains("unknown query"));
         let url = RegistryUrl::parse("consul://a:1")
