@@ -398,7 +398,12 @@ async fn execute(
             "DCRON_NODE_ID",
             node.node_id.get().map(String::as_str).unwrap_or_default(),
         );
-    if payload.len() <= MAX_ENV_PAYLOAD {
+    // An environment string can hold neither a NUL byte nor more than
+    // 128 KiB: such payloads are on stdin only.
+    if payload.contains('\0') {
+        cmd.env_remove("DCRON_TASK_PAYLOAD");
+        tracing::warn!(task = %task, size = payload.len(), "payload contains a NUL byte, which an environment variable cannot carry; it is on stdin only");
+    } else if payload.len() <= MAX_ENV_PAYLOAD {
         cmd.env("DCRON_TASK_PAYLOAD", payload);
     } else {
         cmd.env_remove("DCRON_TASK_PAYLOAD");

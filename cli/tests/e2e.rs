@@ -357,7 +357,7 @@ reload_interval = "1s"
 env = {{ OUT = "{out}" }}
 
 [handler]
-command = ["/bin/sh", "-c", "printf '%s' \"$DCRON_TASK_PAYLOAD\" > \"$OUT.env\"; cat > \"$OUT.stdin\"; printf '%s %s\n' \"$(pwd)\" \"$HANDLER_VAR\" > \"$OUT.cwd\"; printf '%s %s %s\n' \"$DCRON_TASK_NAME\" \"$DCRON_FIRE_TIME\" \"$DCRON_FIRE_TIME_RFC3339\" >> \"$OUT\""]
+command = ["/bin/sh", "-c", "printf '%s' \"${{DCRON_TASK_PAYLOAD-unset}}\" > \"$OUT.$DCRON_TASK_NAME.env\"; cat > \"$OUT.$DCRON_TASK_NAME.stdin\"; [ \"$DCRON_TASK_NAME\" = once ] || exit 0; printf '%s %s\n' \"$(pwd)\" \"$HANDLER_VAR\" > \"$OUT.cwd\"; printf '%s %s %s\n' \"$DCRON_TASK_NAME\" \"$DCRON_FIRE_TIME\" \"$DCRON_FIRE_TIME_RFC3339\" >> \"$OUT\""]
 working_dir = "{cwd}"
 env = {{ HANDLER_VAR = "from-handler-env" }}
 "#,
@@ -385,8 +385,9 @@ env = {{ HANDLER_VAR = "from-handler-env" }}
         "the one-shot task did not run"
     );
     std::thread::sleep(Duration::from_secs(3));
-    let env_copy = std::fs::read_to_string(dir.path("out.env")).expect("payload from env");
-    let stdin_copy = std::fs::read_to_string(dir.path("out.stdin")).expect("payload from stdin");
+    let env_copy = std::fs::read_to_string(dir.path("out.once.env")).expect("payload from env");
+    let stdin_copy =
+        std::fs::read_to_string(dir.path("out.once.stdin")).expect("payload from stdin");
     assert_eq!(env_copy, payload);
     assert_eq!(stdin_copy, payload);
     assert!(!marker.exists(), "the payload was executed");
@@ -410,6 +411,30 @@ env = {{ HANDLER_VAR = "from-handler-env" }}
     assert_eq!(task["one_shot"], true);
     assert_eq!(task["deleted"], true);
     assert_eq!(task["last_run"]["fire_time"], fire);
+
+    // A NUL byte cannot travel in an environment variable: on stdin only.
+    let with_nul = "before\0after";
+    std::fs::write(&pfile, with_nul).expect("write payload");
+    cluster.ok(&[
+        "add",
+        "nul",
+        EVERY_SECOND,
+        "--one-shot",
+        "--payload-file",
+        pfile.to_str().expect("path"),
+    ]);
+    let stdin_file = dir.path("out.nul.stdin");
+    assert!(
+        wait_until(Duration::from_secs(15), || std::fs::read(&stdin_file)
+            .is_ok_and(|b| b.len() == with_nul.len())),
+        "the task with a NUL byte in its payload did not get it on stdin"
+    );
+    assert_eq!(
+        std::fs::read(&stdin_file).expect("stdin"),
+        with_nul.as_bytes()
+    );
+    let env_copy = std::fs::read_to_string(dir.path("out.nul.env")).expect("env");
+    assert_eq!(env_copy, "unset", "DCRON_TASK_PAYLOAD is left out");
 }
 
 /// `dcron watch --output json` streams task and node changes.

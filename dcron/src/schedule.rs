@@ -47,11 +47,7 @@ impl Schedule {
             }
             None => (default_tz, trimmed),
         };
-        let cron = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .build()
-            .parse(pattern)
-            .map_err(|e| invalid(e.to_string()))?;
+        let cron = parse_pattern(pattern).map_err(|e| invalid(explain(pattern, &e)))?;
         // A pattern that never fires (e.g. 30 February) is a mistake too.
         let probe = Utc::now().with_timezone(&tz);
         cron.find_next_occurrence(&probe, false)
@@ -88,6 +84,55 @@ impl Schedule {
     }
 }
 
+fn parse_pattern(pattern: &str) -> std::result::Result<croner::Cron, croner::errors::CronError> {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .build()
+        .parse(pattern)
+}
+
+/// The fields of a 5- or 6-field pattern, with what each allows.
+const FIELDS_5: [(&str, &str); 5] = [
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31, L, W"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT, L, #"),
+];
+
+/// Why `pattern` does not parse, naming the field at fault and what it
+/// allows when one field alone is wrong (found by parsing it with every
+/// other field a wildcard).
+fn explain(pattern: &str, err: &croner::errors::CronError) -> String {
+    let fields: Vec<&str> = pattern.split_whitespace().collect();
+    let named: Vec<(&str, &str)> = match fields.len() {
+        5 => FIELDS_5.to_vec(),
+        6 => std::iter::once(("second", "0-59"))
+            .chain(FIELDS_5)
+            .collect(),
+        7 => std::iter::once(("second", "0-59"))
+            .chain(FIELDS_5)
+            .chain(std::iter::once(("year", "a year")))
+            .collect(),
+        n if !pattern.starts_with('@') => {
+            return format!("{n} fields; use 5 (minute hour day-of-month month day-of-week), or 6 with seconds first");
+        }
+        _ => return err.to_string(),
+    };
+    for (i, (name, allowed)) in named.iter().enumerate() {
+        let alone: Vec<&str> = (0..fields.len())
+            .map(|j| if j == i { fields[j] } else { "*" })
+            .collect();
+        if parse_pattern(&alone.join(" ")).is_err() {
+            return format!(
+                "the {name} field `{}` is invalid ({err}); it allows {allowed}, lists, ranges and steps",
+                fields[i]
+            );
+        }
+    }
+    err.to_string()
+}
+
 fn to_utc(ms: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms)
 }
@@ -95,6 +140,22 @@ fn to_utc(ms: i64) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_field_and_what_it_allows() {
+        let reason = |expr: &str| match Schedule::parse(expr, Tz::UTC) {
+            Err(Error::InvalidCron { reason, .. }) => reason,
+            other => panic!("{expr}: {:?}", other.map(|s| s.expr().to_string())),
+        };
+        let r = reason("0 25 * * *");
+        assert!(r.contains("hour field `25`") && r.contains("0-23"), "{r}");
+        let r = reason("61 * * * * *");
+        assert!(r.contains("second field `61`") && r.contains("0-59"), "{r}");
+        let r = reason("* * * 13 *");
+        assert!(r.contains("month field `13`"), "{r}");
+        let r = reason("* * * * * * * *");
+        assert!(r.contains("8 fields"), "{r}");
+    }
 
     fn ms(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
