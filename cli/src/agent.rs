@@ -503,10 +503,66 @@ fn check_summary(cfg: &AgentConfig) -> String {
     )
 }
 
+/// What `--check` can tell without running anything: working directories
+/// and programs that do not exist on this host (the config may be meant
+/// for another one, so these are warnings, not errors).
+fn check_warnings(cfg: &AgentConfig) -> Vec<String> {
+    let handler = cfg.handler.iter().map(|h| ("the handler".to_string(), h));
+    let tasks = cfg
+        .tasks
+        .iter()
+        .map(|t| (format!("task `{}`", t.name), &t.spec));
+    let mut warnings = Vec::new();
+    for (what, spec) in handler.chain(tasks) {
+        if let Some(dir) = &spec.working_dir {
+            if !dir.is_dir() {
+                warnings.push(format!(
+                    "{what}: working_dir `{}` is not a directory here",
+                    dir.display()
+                ));
+            }
+        }
+        let program = match &spec.line {
+            CommandLine::Shell(_) => "/bin/sh",
+            CommandLine::Argv(argv) => match argv.first() {
+                Some(p) => p.as_str(),
+                None => continue,
+            },
+        };
+        if !program_exists(program, spec) {
+            warnings.push(format!("{what}: program `{program}` is not found here"));
+        }
+    }
+    warnings
+}
+
+/// Whether `program` would be found when `spec` runs: a path (relative to
+/// the working directory), or a name on the `PATH` the command gets.
+fn program_exists(program: &str, spec: &CommandSpec) -> bool {
+    let path = std::path::Path::new(program);
+    if program.contains('/') {
+        let full = match (&spec.working_dir, path.is_relative()) {
+            (Some(dir), true) => dir.join(path),
+            _ => path.to_path_buf(),
+        };
+        return full.is_file();
+    }
+    let search = spec
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    std::env::split_paths(&search).any(|dir| dir.join(program).is_file())
+}
+
 /// Runs the agent until SIGINT / SIGTERM / SIGHUP; returns the exit code.
 pub async fn run(globals: AgentGlobals, args: &AgentArgs) -> CliResult<i32> {
     let cfg = config::load(&args.config)?;
     if args.check {
+        for warning in check_warnings(&cfg) {
+            eprintln!("warning: {warning}");
+        }
         crate::output::print(&format!("{}\n", check_summary(&cfg)))?;
         return Ok(0);
     }

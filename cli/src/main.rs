@@ -45,16 +45,20 @@ struct Cli {
     command: Cmd,
 }
 
+/// The heading of the options every subcommand takes.
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, clap::Args)]
 struct Global {
-    /// Registry URL (see below).
+    /// Registry URL (`dcron --help` lists the forms).
     #[arg(
         long,
         short = 'r',
         env = "DCRON_REGISTRY",
         global = true,
         value_name = "URL",
-        hide_env_values = true
+        hide_env_values = true,
+        help_heading = GLOBAL
     )]
     registry: Option<String>,
     /// Namespace of the cluster [default: dcron].
@@ -63,17 +67,19 @@ struct Global {
         short = 'n',
         env = "DCRON_NAMESPACE",
         global = true,
-        value_name = "NS"
+        value_name = "NS",
+        hide_env_values = true,
+        help_heading = GLOBAL
     )]
     namespace: Option<String>,
     /// Output format of nodes, tasks, watch and the operations.
-    #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true)]
+    #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true, help_heading = GLOBAL)]
     output: Format,
     /// Bound on connecting and on each command's registry calls.
-    #[arg(long, default_value = "30s", value_parser = duration_arg, global = true, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = duration_arg, global = true, value_name = "DURATION", help_heading = GLOBAL)]
     timeout: Duration,
     /// Log format (logs go to stderr; filter with DCRON_LOG or RUST_LOG, e.g. `debug`).
-    #[arg(long, value_enum, env = "DCRON_LOG_FORMAT", default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, env = "DCRON_LOG_FORMAT", default_value_t = LogFormat::Text, global = true, hide_env_values = true, help_heading = GLOBAL)]
     log_format: LogFormat,
 }
 

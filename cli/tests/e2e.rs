@@ -672,6 +672,26 @@ fn agent_check_validates_the_config_offline() {
     let cluster = Cluster::new("redis://127.0.0.1:1", "check");
     let out = cluster.ok(&["agent", "--config", conf.to_str().expect("path"), "--check"]);
     assert!(out.contains("configuration OK"), "{out}");
+    // Programs and directories missing on this host are warned about.
+    let odd = dir.path("odd.toml");
+    std::fs::write(
+        &odd,
+        "[[task]]\nname = \"t\"\ncron = \"* * * * *\"\ncommand = [\"/nonexistent/prog\"]\nworking_dir = \"/nonexistent/dir\"\n\n[[task]]\nname = \"u\"\ncron = \"* * * * *\"\ncommand = [\"no-such-program-anywhere\"]\n",
+    )
+    .expect("write config");
+    let checked = std::process::Command::new(BIN)
+        .args(["agent", "--config", odd.to_str().expect("path"), "--check"])
+        .output()
+        .expect("run dcron");
+    assert_eq!(checked.status.code(), Some(0));
+    let warnings = String::from_utf8_lossy(&checked.stderr);
+    for want in [
+        "task `t`: working_dir `/nonexistent/dir` is not a directory",
+        "task `t`: program `/nonexistent/prog` is not found",
+        "task `u`: program `no-such-program-anywhere` is not found",
+    ] {
+        assert!(warnings.contains(want), "{want}: {warnings}");
+    }
     let err = cluster.fails(&["agent", "--config", "/nonexistent/dcron.toml"], 2);
     assert!(err.contains("cannot read config file"), "{err}");
     let out = std::process::Command::new(BIN)
