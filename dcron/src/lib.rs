@@ -74,3 +74,15 @@ pub use registry::{MemoryRegistry, Registry};
 pub use strategy::{Assigner, ParseStrategyError, Strategy};
 pub use task::{Task, TaskContext, TaskMeta, TaskResult};
 pub use view::ownership;
+
+/// Every Rust block of the README, compiled as a doc test (with every
+/// backend, as the test suite runs), so the README's examples build.
+#[cfg(all(
+    doctest,
+    feature = "redis",
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul"
+))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
