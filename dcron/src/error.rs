@@ -6,7 +6,10 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything that can go wrong in dcron. Each message says what to do.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the message and its causes, so `main() -> dcron::Result<()>`
+/// reports a failure in words; match on the variants for details.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A task of that name is already defined.
@@ -107,6 +110,18 @@ pub enum Error {
         /// The bound that was exceeded.
         after: Duration,
     },
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut cause = std::error::Error::source(self);
+        while let Some(err) = cause {
+            write!(f, "\n  caused by: {err}")?;
+            cause = err.source();
+        }
+        Ok(())
+    }
 }
 
 impl Error {
@@ -221,3 +236,21 @@ impl std::fmt::Display for MissReason {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_reads_like_a_message_with_its_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let err = Error::unavailable("redis", "cannot connect to 127.0.0.1:6379/0", io);
+        assert_eq!(
+            format!("{err:?}"),
+            "redis registry: cannot connect to 127.0.0.1:6379/0\n  caused by: connection refused"
+        );
+        assert!(err.is_retryable());
+        assert_eq!(err.registry_kind(), Some(RegistryErrorKind::Unavailable));
+        assert!(!Error::registry_msg("etcd", "refused").is_retryable());
+    }
+}
