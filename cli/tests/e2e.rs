@@ -720,6 +720,74 @@ fn agent_check_validates_the_config_offline() {
     }
 }
 
+/// A secret planted in every place a registry credential can be given (the
+/// URL of each backend, each secret variable) never appears in what the
+/// command prints, whatever fails: a refused URL, an unreachable server.
+#[test]
+fn planted_secrets_are_never_echoed() {
+    const SECRET: &str = "pl4nted-s3cret-0042";
+    // Nothing listens on port 1: every connection is refused.
+    let urls = [
+        format!("redis://:{SECRET}@127.0.0.1:1/0"),
+        format!("redis://user:{SECRET}@127.0.0.1:1"),
+        format!("rediss://:{SECRET}@127.0.0.1:1"),
+        format!("redis://:{SECRET}@127.0.0.1:1/not-a-db"),
+        format!("etcd://root:{SECRET}@127.0.0.1:1"),
+        format!("zk://root:{SECRET}@127.0.0.1:1"),
+        format!("consul://{SECRET}@127.0.0.1:1"),
+        format!("consul://127.0.0.1:1?token={SECRET}"),
+        format!("consul://127.0.0.1:1?dc=a&{SECRET}"),
+    ];
+    let env_forms: [(&str, &str, &[(&str, &str)]); 5] = [
+        (
+            "redis",
+            "redis://127.0.0.1:1",
+            &[("DCRON_REDIS_PASSWORD", SECRET)],
+        ),
+        (
+            "etcd",
+            "etcd://root@127.0.0.1:1",
+            &[("DCRON_ETCD_PASSWORD", SECRET)],
+        ),
+        (
+            "etcd",
+            "etcd://127.0.0.1:1",
+            &[("DCRON_ETCD_PASSWORD", SECRET)],
+        ),
+        (
+            "zk",
+            "zk://root@127.0.0.1:1",
+            &[("DCRON_ZK_PASSWORD", SECRET)],
+        ),
+        (
+            "consul",
+            "consul://127.0.0.1:1",
+            &[("DCRON_CONSUL_TOKEN", SECRET)],
+        ),
+    ];
+    let run = |url: &str, env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["--timeout", "3s", "--registry", url, "tasks"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run dcron");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{url}: {all}");
+        assert!(!all.contains(SECRET), "secret echoed for {url}: {all}");
+    };
+    for url in &urls {
+        run(url, &[]);
+    }
+    for (_, url, env) in env_forms {
+        run(url, env);
+    }
+}
+
 /// Registry passwords come from the environment, are never printed, and
 /// never reach the commands an agent runs.
 #[test]

@@ -377,11 +377,17 @@ impl RegistryUrl {
     }
 }
 
-/// `url` with any password replaced by `***`, for messages.
+/// `url` with any password, and the value of every query parameter but
+/// `dc`, replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(redact_query(query))),
+        None => (rest, None),
+    };
+    let query = query.map_or(String::new(), |q| format!("?{q}"));
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => {
@@ -391,10 +397,25 @@ pub fn redact(url: &str) -> String {
                 None if scheme.to_ascii_lowercase().starts_with("consul") => "***".to_string(),
                 None => rest[..at].to_string(),
             };
-            format!("{scheme}://{shown}{}", &rest[at..])
+            format!("{scheme}://{shown}{}{query}", &rest[at..])
         }
-        None => url.to_string(),
+        None => format!("{scheme}://{rest}{query}"),
     }
+}
+
+/// `a=1&dc=eu` as `a=***&dc=eu`: only the datacenter is known not to be
+/// a secret.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("dc", _)) => pair.to_string(),
+            Some((key, _)) => format!("{key}=***"),
+            None if pair.is_empty() => String::new(),
+            None => "***".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn invalid(message: String) -> Error {
@@ -563,9 +584,10 @@ fn parse_consul(rest: &str, http: &str, shown: &str) -> Result<Endpoint> {
         match pair.split_once('=') {
             Some(("dc", dc)) if !dc.is_empty() => datacenter = Some(dc.to_string()),
             _ => {
+                let key = pair.split_once('=').map_or("***", |(key, _)| key);
                 return Err(invalid(format!(
-                    "registry `{shown}`: unknown query parameter `{pair}`; only `dc=DATACENTER` is supported"
-                )))
+                    "registry `{shown}`: unknown query parameter `{key}`; only `dc=DATACENTER` is supported"
+                )));
             }
         }
     }
@@ -652,7 +674,15 @@ mod tests {
         let m = message("consul://s3cretPW@host:8500");
         assert!(m.contains("credentials") && !m.contains("s3cretPW"), "{m}");
         assert!(message("consul://a:1,b:2").contains("one agent"));
-        assert!(message("consul://a:1?token=x").contains("unknown query"));
+        let m = message("consul://a:1?dc=eu&token=t0ken");
+        assert!(
+            m.contains("unknown query parameter `token`") && !m.contains("t0ken"),
+            "{m}"
+        );
+        assert_eq!(
+            redact("consul://a:1?dc=eu&token=t0ken"),
+            "consul://a:1?dc=eu&token=***"
+        );
         let url = RegistryUrl::parse("consul://a:1")
             .expect("valid")
             .token("t0ken");
