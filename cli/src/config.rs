@@ -304,7 +304,7 @@ impl Config {
         };
         for (value, what) in [(&self.namespace, "namespace"), (&self.node_id, "node_id")] {
             if let Some(v) = value {
-                validate_task_name(v).map_err(|e| CliError::invalid(format!("{what}: {e}")))?;
+                dcron::task::validate_name(what, v)?;
             }
         }
         let node_ttl = positive(self.node_ttl, "node_ttl")?;

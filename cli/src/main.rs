@@ -195,8 +195,7 @@ async fn open(global: &Global) -> CliResult<(Arc<dyn Registry>, String)> {
         .namespace
         .clone()
         .unwrap_or_else(|| dcron::DEFAULT_NAMESPACE.to_string());
-    dcron::task::validate_task_name(&ns)
-        .map_err(|e| CliError::invalid(format!("namespace: {e}")))?;
+    dcron::task::validate_name("namespace", &ns)?;
     let shown = connect::redact(&url);
     let registry = bounded(
         global.timeout,

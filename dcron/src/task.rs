@@ -78,6 +78,32 @@ impl TaskMeta {
 /// The alphabet keeps every name a single key segment in every backend
 /// (no `/`, no spaces, nothing to escape).
 pub fn validate_task_name(name: &str) -> Result<()> {
+    match name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidTaskName {
+            name: name.chars().take(MAX_TASK_NAME_LEN + 16).collect(),
+            reason,
+        }),
+    }
+}
+
+/// Checks a namespace or node id (`what`): the same alphabet as task names,
+/// which keeps it one key segment in every backend; the error
+/// ([`Error::InvalidConfig`]) names what it is.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    match name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidConfig(format!(
+            "invalid {what} `{}`: {reason}; use 1-200 characters of A-Z a-z 0-9 . _ : @ -",
+            name.chars()
+                .take(MAX_TASK_NAME_LEN + 16)
+                .collect::<String>()
+        ))),
+    }
+}
+
+/// Why `name` is not a valid name, if it is not.
+fn name_problem(name: &str) -> Option<&'static str> {
     let reason = if name.is_empty() {
         "it is empty"
     } else if name.len() > MAX_TASK_NAME_LEN {
@@ -90,12 +116,9 @@ pub fn validate_task_name(name: &str) -> Result<()> {
     } else if name == "." || name == ".." {
         "`.` and `..` are reserved"
     } else {
-        return Ok(());
+        return None;
     };
-    Err(Error::InvalidTaskName {
-        name: name.chars().take(MAX_TASK_NAME_LEN + 16).collect(),
-        reason,
-    })
+    Some(reason)
 }
 
 /// What a run of a task knows about itself.

@@ -7,8 +7,10 @@
 //! (tombstones) and `claims/<name>`. See `docs/design.md` for each
 //! backend's layout.
 
-use crate::error::{Error, Result};
-use crate::task::validate_task_name;
+#[cfg(test)]
+use crate::error::Error;
+use crate::error::Result;
+use crate::task::{validate_name, validate_task_name};
 
 /// What a stored key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,10 +51,9 @@ impl Kind {
 /// [`Error::InvalidTaskName`]; namespaces and node ids, which come from
 /// configuration, with [`Error::InvalidConfig`].
 pub(crate) fn check_segment(what: &str, name: &str) -> Result<()> {
-    match validate_task_name(name) {
-        Ok(()) => Ok(()),
-        Err(err) if what == "task name" => Err(err),
-        Err(err) => Err(Error::InvalidConfig(format!("{what}: {err}"))),
+    match what {
+        "task name" => validate_task_name(name),
+        _ => validate_name(what, name),
     }
 }
 
