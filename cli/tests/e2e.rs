@@ -720,6 +720,63 @@ fn agent_check_validates_the_config_offline() {
     }
 }
 
+/// The minimal configuration shipped in `examples/agent.toml` passes
+/// `--check` and runs: two agents, one hello per fire in the cluster, and a
+/// dynamic task through the handler.
+#[test]
+fn the_shipped_example_config_runs() {
+    let Some(url) = redis_url() else { return };
+    let config = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/agent.toml"
+    ))
+    .expect("examples/agent.toml");
+    let cluster = Cluster::new(&url, "example-config");
+    let dir = Scratch::new("example-config");
+    let checked = std::process::Command::new(BIN)
+        .args(["agent", "--check", "--config"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/agent.toml"
+        ))
+        .output()
+        .expect("run dcron");
+    assert_eq!(checked.status.code(), Some(0));
+    assert!(
+        checked.stderr.is_empty(),
+        "warnings: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let a = cluster.agent(&dir, "ex1", &config);
+    let b = cluster.agent(&dir, "ex2", &config);
+    cluster.ok(&["add", "greet", "* * * * * *", "--payload", "hi"]);
+    let logs = || {
+        [&a, &b]
+            .iter()
+            .map(|agent| std::fs::read_to_string(&agent.log).unwrap_or_default())
+            .collect::<String>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let all = logs();
+            all.matches("says hello").count() >= 2 && all.contains("runs greet with payload hi")
+        }),
+        "the example config did not run: {}",
+        logs()
+    );
+    // One hello per fire time in the whole cluster.
+    let all = logs();
+    let hellos: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("says hello"))
+        .filter_map(|l| l.split("fire_time=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(hellos.len() >= 2, "hello runs without a fire time: {all}");
+    let unique: std::collections::BTreeSet<&str> = hellos.iter().copied().collect();
+    assert_eq!(hellos.len(), unique.len(), "a hello ran twice: {all}");
+}
+
 /// A secret planted in every place a registry credential can be given (the
 /// URL of each backend, each secret variable) never appears in what the
 /// command prints, whatever fails: a refused URL, an unreachable server.
