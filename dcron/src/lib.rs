@@ -46,9 +46,9 @@
 //! Every fire time a node owns either runs once in the cluster or is
 //! reported as missed ([`Error::FireMissed`], [`Dcron::missed_fires`]);
 //! claims are idempotent per node incarnation, so a lost answer never turns
-//! into a lost or a second run. The repository's README and `docs/design.md`
-//! give the full semantics (claims, catch-up, the late window, tombstones,
-//! namespaces) and the strategies.
+//! into a lost or a second run. The full semantics follow.
+//!
+#![doc = include_str!("../docs/semantics.md")]
 #[allow(dead_code)] // adopted by the loops one by one
 mod backoff;
 mod builder;

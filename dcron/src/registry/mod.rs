@@ -24,7 +24,7 @@ mod fault;
 #[allow(dead_code)] // adopted by the backends one by one
 pub(crate) mod kit;
 mod memory;
-mod url;
+pub mod url;
 
 pub use fault::FaultRegistry;
 pub use url::{connect, redact, RegistryUrl};
