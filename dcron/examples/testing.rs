@@ -2,11 +2,11 @@
 //! copy these tests into your own crate (dev-dependency: tokio with the
 //! `test-util` feature).
 //!
-//! - [`MemoryRegistry`] is a whole registry in the process: several nodes on
+//! - `MemoryRegistry` is a whole registry in the process: several nodes on
 //!   clones of one registry form a cluster.
-//! - [`TokioClock`] makes the nodes' wall clock follow tokio's, so a test
+//! - `TokioClock` makes the nodes' wall clock follow tokio's, so a test
 //!   with a paused tokio clock runs hours of schedule in milliseconds.
-//! - [`FaultRegistry`] wraps any registry and injects faults: outages,
+//! - `FaultRegistry` wraps any registry and injects faults: outages,
 //!   stalls, lost answers, failed calls.
 //! - `Dcron::kill` simulates a crash: the node stops without a goodbye and
 //!   its registration is left to expire, as after `kill -9`.
@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dcron::clock::TokioClock;
-use dcron::registry::FaultRegistry;
-use dcron::{Dcron, MemoryRegistry, TaskContext};
+use dcron::{Dcron, TaskContext};
 
 /// 2026-01-01T00:00:00Z: tests start on a known instant.
 const START_MS: i64 = 1_767_225_600_000;
@@ -54,6 +53,9 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
+    use dcron::registry::FaultRegistry;
+    use dcron::MemoryRegistry;
+
     use super::*;
 
     /// An hour of a once-a-minute task, in a paused clock: 60 runs, in
