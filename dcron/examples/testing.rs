@@ -13,50 +13,46 @@
 //!
 //! `cargo test -p dcron --example testing` runs them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use dcron::clock::TokioClock;
-use dcron::{Dcron, TaskContext};
-
-/// 2026-01-01T00:00:00Z: tests start on a known instant.
-const START_MS: i64 = 1_767_225_600_000;
-
-/// A node on `registry` whose static task `job` (every minute) counts runs.
-async fn counting_node(
-    registry: impl dcron::Registry,
-    id: &str,
-    runs: &Arc<AtomicUsize>,
-) -> dcron::Result<Dcron> {
-    let node = Dcron::builder(registry)
-        .node_id(id)
-        .clock(TokioClock::starting_at(START_MS))
-        .node_ttl(Duration::from_secs(3))
-        .heartbeat(Duration::from_millis(500))
-        .build()?;
-    let counter = runs.clone();
-    node.add_func("job", "0 * * * * *", move |_ctx: TaskContext| {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    })
-    .await?;
-    Ok(node)
-}
-
 fn main() {
     println!("run the tests: cargo test -p dcron --example testing");
 }
 
 #[cfg(test)]
 mod tests {
-    use dcron::registry::FaultRegistry;
-    use dcron::MemoryRegistry;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    use super::*;
+    use dcron::clock::TokioClock;
+    use dcron::registry::FaultRegistry;
+    use dcron::{Dcron, MemoryRegistry, TaskContext};
+
+    /// 2026-01-01T00:00:00Z: tests start on a known instant.
+    const START_MS: i64 = 1_767_225_600_000;
+
+    /// A node on `registry` whose static task `job` (every minute) counts runs.
+    async fn counting_node(
+        registry: impl dcron::Registry,
+        id: &str,
+        runs: &Arc<AtomicUsize>,
+    ) -> dcron::Result<Dcron> {
+        let node = Dcron::builder(registry)
+            .node_id(id)
+            .clock(TokioClock::starting_at(START_MS))
+            .node_ttl(Duration::from_secs(3))
+            .heartbeat(Duration::from_millis(500))
+            .build()?;
+        let counter = runs.clone();
+        node.add_func("job", "0 * * * * *", move |_ctx: TaskContext| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .await?;
+        Ok(node)
+    }
 
     /// An hour of a once-a-minute task, in a paused clock: 60 runs, in
     /// milliseconds of real time.
