@@ -216,7 +216,12 @@ async fn from_an_existing_client() {
     let client = etcd_client::Client::connect([h.endpoints.as_str()], Some(options))
         .await
         .expect("client");
-    let r = EtcdRegistry::from_client(client).with_request_timeout(Duration::from_secs(3));
+    let r = EtcdRegistry::builder(["(given client)"])
+        .client(client)
+        .request_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .expect("connect with a given client");
     let ns = conformance::fresh_ns("from-client");
     let mut rx = r.watch(&ns).await.expect("watch");
     r.register(&ns, &node("n1"), Duration::from_secs(5))

@@ -284,7 +284,7 @@ pub mod zookeeper;
 #[cfg(feature = "consul")]
 pub use self::consul::ConsulRegistry;
 #[cfg(feature = "etcd")]
-pub use self::etcd::EtcdRegistry;
+pub use self::etcd::{EtcdRegistry, EtcdRegistryBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisRegistry;
 #[cfg(feature = "zookeeper")]
