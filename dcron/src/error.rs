@@ -167,6 +167,31 @@ impl Error {
         self
     }
 
+    /// A copy of this error for another claim of the same failed batch:
+    /// the same message and kind (so it is retried or not the same way),
+    /// the source folded into the message.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Timeout { what, after } => Error::Timeout {
+                what: what.clone(),
+                after: *after,
+            },
+            Error::Registry {
+                backend,
+                kind,
+                context,
+                source,
+            } => {
+                let context = match source {
+                    Some(source) => format!("{context}: {source}"),
+                    None => context.clone(),
+                };
+                Error::registry_msg(backend, context).with_kind(*kind)
+            }
+            other => Error::registry_msg("registry", other.to_string()),
+        }
+    }
+
     /// What sort of registry failure this is, for registry errors.
     pub fn registry_kind(&self) -> Option<RegistryErrorKind> {
         match self {

@@ -106,15 +106,11 @@ impl ClaimOutcome {
         matches!(self, ClaimOutcome::Won)
     }
 
-    /// `n` failed outcomes for one error (a batch that got no answer).
+    /// `n` failed outcomes for one error (a batch that got no answer); the
+    /// copies keep its kind, so whether to retry is decided the same way.
     pub fn fail_all(n: usize, err: crate::Error) -> Vec<ClaimOutcome> {
-        let backend = match &err {
-            crate::Error::Registry { backend, .. } => *backend,
-            _ => "registry",
-        };
-        let message = err.to_string();
         let mut out: Vec<ClaimOutcome> = (1..n)
-            .map(|_| ClaimOutcome::Failed(crate::Error::registry_msg(backend, message.clone())))
+            .map(|_| ClaimOutcome::Failed(err.duplicate()))
             .collect();
         if n > 0 {
             out.push(ClaimOutcome::Failed(err));

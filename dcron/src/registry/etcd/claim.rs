@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use tokio::time::Instant;
 
-use super::{codec, errors, key, EtcdRegistry, BACKEND};
+use super::{codec, key, EtcdRegistry, BACKEND};
 use crate::error::{Error, Result};
 use crate::registry::kit::cas::{self, CasStore, Stored};
 use crate::registry::kit::keys::Kind;
@@ -172,7 +172,7 @@ fn stored(kv: &KeyValue) -> Stored<i64> {
 
 /// `n` answers of one failed request, each an error of its kind.
 fn fail_all<T>(n: usize, err: Error) -> Vec<Result<T>> {
-    let mut out: Vec<Result<T>> = (1..n).map(|_| Err(errors::copy(&err))).collect();
+    let mut out: Vec<Result<T>> = (1..n).map(|_| Err(err.duplicate())).collect();
     if n > 0 {
         out.push(Err(err));
     }

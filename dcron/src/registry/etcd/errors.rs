@@ -111,30 +111,6 @@ pub(super) fn is_lease_gone_error(err: &Error) -> bool {
     matches!(etcd_cause(err), Some(EtcdError::LeaseKeepAliveError(msg)) if is_lease_gone(msg))
 }
 
-/// A copy of `err` for another key of the same failed batch, of the same
-/// kind (so it is retried or not the same way).
-pub(super) fn copy(err: &Error) -> Error {
-    match err {
-        Error::Timeout { what, after } => Error::Timeout {
-            what: what.clone(),
-            after: *after,
-        },
-        Error::Registry {
-            kind,
-            context,
-            source,
-            ..
-        } => {
-            let context = match source {
-                Some(source) => format!("{context}: {source}"),
-                None => context.clone(),
-            };
-            Error::registry_msg(BACKEND, context).with_kind(*kind)
-        }
-        other => Error::registry_msg(BACKEND, other.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,7 +133,7 @@ mod tests {
             kind(EtcdError::InvalidArgs("bad".into())),
             Some(RegistryErrorKind::Other)
         );
-        let copied = copy(&convert(EtcdError::WatchError("reset".into()), "claim"));
+        let copied = convert(EtcdError::WatchError("reset".into()), "claim").duplicate();
         assert!(copied.is_retryable() && copied.to_string().contains("claim"));
     }
 }
