@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::dispatch::CatchUnwind;
 use super::state::Runnable;
 use super::Engine;
+use crate::admin::Forget;
 use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::task::{TaskContext, TaskMeta};
@@ -45,8 +46,7 @@ impl Engine {
 
     /// Marks the task deleted.
     async fn tombstone(&self, meta: &TaskMeta) -> Result<()> {
-        let (reg, ns) = (&self.cfg.registry, self.cfg.ns.as_str());
-        retry(|| reg.put_tombstone(ns, &meta.name)).await
+        retry(|| self.admin.mark_deleted(&meta.name)).await
     }
 
     /// The after-run flags: cleanup removes the definition and the claim
@@ -54,18 +54,13 @@ impl Engine {
     /// running again); delete-after-run writes a tombstone (a one-shot
     /// task has one already).
     async fn after_run(&self, meta: &TaskMeta) -> Result<()> {
-        let (reg, ns) = (&self.cfg.registry, self.cfg.ns.as_str());
         if meta.executed_and_cleanup {
-            let keep_tombstone = meta.one_shot;
-            retry(|| async {
-                reg.delete_task(ns, &meta.name).await?;
-                reg.delete_claim(ns, &meta.name).await?;
-                if !keep_tombstone {
-                    reg.delete_tombstone(ns, &meta.name).await?;
-                }
-                Ok(())
-            })
-            .await
+            let what = if meta.one_shot {
+                Forget::KeepTombstone
+            } else {
+                Forget::Everything
+            };
+            retry(|| self.admin.forget(&meta.name, what)).await
         } else if meta.executed_and_mark_deleted && !meta.one_shot {
             self.tombstone(meta).await
         } else {

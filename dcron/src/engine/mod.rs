@@ -28,6 +28,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
+use crate::admin::Admin;
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::registry::Registry;
@@ -61,6 +62,8 @@ pub(crate) struct EngineConfig {
 /// The fire queue and the runs in flight.
 pub(crate) struct Engine {
     cfg: EngineConfig,
+    /// The registry writes around runs of flagged tasks.
+    admin: Admin,
     state: Mutex<State>,
     /// Wakes the timer: jobs changed, a catch-up was queued, or it stopped.
     wake: Notify,
@@ -85,8 +88,10 @@ const CHUNK: usize = 2048;
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Arc<Engine> {
+        let admin = Admin::unchecked(cfg.registry.clone(), cfg.ns.clone());
         Arc::new(Engine {
             cfg,
+            admin,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             running: AtomicUsize::new(0),
