@@ -34,7 +34,7 @@ impl Dcron {
 
     /// Fires of tasks this node owned that did not run, since the node was
     /// built (each also logged at ERROR and passed to the error handler as
-    /// [`Error::FireMissed`]).
+    /// [`Error::FireMissed`](crate::Error::FireMissed)).
     pub fn missed_fires(&self) -> u64 {
         self.inner.engine.missed()
     }

@@ -12,7 +12,7 @@ use crate::schedule::Schedule;
 pub enum Overlap {
     /// Skip the new fire while the previous run, started on time, still
     /// goes (nobody runs it); the skip is reported as a missed fire
-    /// ([`MissReason::Overlap`]). A fire that finds a *late* run still going
+    /// ([`MissReason::Overlap`](crate::MissReason::Overlap)). A fire that finds a *late* run still going
     /// (its claim was slow) waits for it and runs right after it, in order:
     /// a registry stall never turns into skipped fires.
     #[default]
