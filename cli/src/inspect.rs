@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 use dcron::registry::Claim;
 use dcron::schedule::Schedule;
-use dcron::{Node, NodeStatus, Registry, Strategy, TaskMeta};
+use dcron::{Admin, Node, NodeStatus, Registry, Strategy, TaskMeta};
 use serde_json::{json, Value};
 
 use crate::error::{CliError, CliResult};
@@ -22,24 +22,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads nodes, tasks, tombstones and claims (concurrently).
+    /// Reads nodes, tasks, tombstones and claims (concurrently), sorted.
     pub async fn load(registry: &Arc<dyn Registry>, ns: &str) -> CliResult<Snapshot> {
-        let (nodes, tasks, tombstones, claims) = tokio::try_join!(
-            registry.nodes(ns),
-            registry.tasks(ns),
-            registry.tombstones(ns),
-            registry.claims(ns),
-        )?;
-        let mut snap = Snapshot {
-            nodes,
-            tasks,
-            tombstones,
-            claims,
-        };
-        snap.nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        snap.tasks.sort_by(|a, b| a.name.cmp(&b.name));
-        snap.tombstones.sort();
-        Ok(snap)
+        let snap = Admin::new(registry.clone(), ns)?.snapshot().await?;
+        Ok(Snapshot {
+            nodes: snap.nodes,
+            tasks: snap.tasks,
+            tombstones: snap.tombstones,
+            claims: snap.claims,
+        })
     }
 }
 

@@ -1,6 +1,6 @@
-//! `dcron add / delete / reuse / cleanup`: changes made through a `Dcron`
-//! node that is built but never started (it never registers), so the
-//! library's validation and writes are the only code path.
+//! `dcron add / delete / reuse / cleanup`: changes made through the
+//! library's [`Admin`], so its validation and writes are the only code
+//! path (the same a node's task API takes).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 use dcron::schedule::Schedule;
 use dcron::task::validate_task_name;
-use dcron::{Dcron, Registry, TaskMeta};
+use dcron::{Admin, Registry, TaskMeta};
 use serde_json::json;
 
 use crate::error::{CliError, CliResult};
@@ -86,12 +86,9 @@ fn read_payload(path: &PathBuf, limit: usize) -> CliResult<String> {
         .map_err(|_| CliError::invalid(format!("payload from {shown} is not valid UTF-8")))
 }
 
-/// A node that is never started: only its task API is used.
-fn node(registry: Arc<dyn Registry>, ns: &str, max_payload: usize) -> CliResult<Dcron> {
-    Ok(Dcron::builder_shared(registry)
-        .namespace(ns)
-        .max_payload(max_payload)
-        .build()?)
+/// The task operations on namespace `ns`.
+fn admin(registry: Arc<dyn Registry>, ns: &str) -> CliResult<Admin> {
+    Ok(Admin::new(registry, ns)?)
 }
 
 fn done(format: Format, action: &str, name: &str, text: String) -> CliResult<()> {
@@ -109,14 +106,13 @@ pub async fn add(
     format: Format,
 ) -> CliResult<()> {
     let meta = req.prepare()?;
-    let node = node(registry, ns, req.max_payload)?;
-    let name = meta.name.clone();
-    let cron = meta.cron_format.clone();
+    let admin = admin(registry, ns)?.with_max_payload(req.max_payload);
     if req.force {
-        node.force_add_task_meta(meta).await?;
+        admin.force_add_task(&meta).await?;
     } else {
-        node.add_task_meta(meta).await?;
+        admin.add_task(&meta).await?;
     }
+    let (name, cron) = (meta.name, meta.cron_format);
     let verb = if req.force {
         "stored (forced)"
     } else {
@@ -131,8 +127,8 @@ pub async fn add(
 }
 
 /// Whether any live node defines `name` statically, or it is a dynamic task.
-async fn is_defined(registry: &Arc<dyn Registry>, ns: &str, name: &str) -> CliResult<bool> {
-    let (tasks, nodes) = tokio::try_join!(registry.tasks(ns), registry.nodes(ns))?;
+async fn is_defined(admin: &Admin, name: &str) -> CliResult<bool> {
+    let (tasks, nodes) = tokio::try_join!(admin.tasks(), admin.nodes())?;
     Ok(tasks.iter().any(|t| t.name == name)
         || nodes
             .iter()
@@ -147,14 +143,13 @@ pub async fn delete(
     format: Format,
 ) -> CliResult<()> {
     validate_task_name(name)?;
-    if !is_defined(&registry, ns, name).await? {
+    let admin = admin(registry, ns)?;
+    if !is_defined(&admin, name).await? {
         eprintln!(
             "note: no dynamic task `{name}` and no live node defining it; the name is marked deleted anyway"
         );
     }
-    node(registry, ns, dcron::task::DEFAULT_MAX_PAYLOAD)?
-        .mark_task_deleted(name)
-        .await?;
+    admin.mark_deleted(name).await?;
     done(
         format,
         "delete",
@@ -170,13 +165,11 @@ pub async fn reuse(
     name: &str,
     format: Format,
 ) -> CliResult<()> {
-    validate_task_name(name)?;
-    if !registry.tombstones(ns).await?.iter().any(|t| t == name) {
+    let admin = admin(registry, ns)?;
+    if !admin.is_deleted(name).await? {
         eprintln!("note: task `{name}` was not marked deleted");
     }
-    node(registry, ns, dcron::task::DEFAULT_MAX_PAYLOAD)?
-        .reuse_deleted_task(name)
-        .await?;
+    admin.reuse_deleted(name).await?;
     done(
         format,
         "reuse",
@@ -192,10 +185,7 @@ pub async fn cleanup(
     name: &str,
     format: Format,
 ) -> CliResult<()> {
-    validate_task_name(name)?;
-    node(registry, ns, dcron::task::DEFAULT_MAX_PAYLOAD)?
-        .cleanup_task(name)
-        .await?;
+    admin(registry, ns)?.cleanup(name).await?;
     done(
         format,
         "cleanup",

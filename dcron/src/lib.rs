@@ -49,9 +49,8 @@
 //! into a lost or a second run. The full semantics follow.
 //!
 #![doc = include_str!("../docs/semantics.md")]
-#[allow(dead_code)] // adopted by the loops one by one
+mod admin;
 mod backoff;
-mod builder;
 pub mod clock;
 mod dcron;
 mod engine;
@@ -64,8 +63,8 @@ pub mod strategy;
 pub mod task;
 mod view;
 
-pub use builder::{Builder, DEFAULT_NAMESPACE};
-pub use dcron::{shutdown_signal, Dcron};
+pub use admin::{Admin, NamespaceSnapshot};
+pub use dcron::{shutdown_signal, Builder, Dcron, DEFAULT_NAMESPACE};
 pub use engine::{CatchUp, ErrorHandler, Overlap};
 pub use error::{BoxError, Error, MissReason, RegistryErrorKind, Result};
 pub use events::{Event, NodeEvent, TaskEvent};

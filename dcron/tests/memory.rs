@@ -7,8 +7,8 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcron::registry::{RawKind, Registry};
-use dcron::{Dcron, Error, MemoryRegistry, TaskContext, TaskMeta};
+use dcron::registry::{Claim, RawKind, Registry};
+use dcron::{Admin, Dcron, Error, MemoryRegistry, TaskContext, TaskMeta};
 
 use cluster::{now_ms, Ledger};
 use conformance::{eventually, fresh_ns};
@@ -253,4 +253,169 @@ async fn lifecycle_and_events() {
         registry.nodes(&ns).await.expect("nodes").is_empty(),
         "stop unregisters"
     );
+}
+
+/// What the registry holds for `ns`, to compare before and after.
+async fn contents(admin: &Admin) -> (Vec<TaskMeta>, Vec<String>, Vec<(String, i64)>) {
+    let snap = admin.snapshot().await.expect("snapshot");
+    let claims = snap
+        .claims
+        .into_iter()
+        .map(|(name, claim)| (name, claim.fire_time))
+        .collect();
+    (snap.tasks, snap.tombstones, claims)
+}
+
+async fn claim(registry: &MemoryRegistry, ns: &str, task: &str, fire_time: i64) {
+    let claim = Claim::new(fire_time, "n1", "n1/test", fire_time);
+    assert!(registry.claim(ns, task, &claim).await.expect("claim"));
+}
+
+#[tokio::test]
+async fn admin_every_operation() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("admin-ops");
+    let admin = Admin::new(Arc::new(registry.clone()), &ns).expect("admin");
+    assert_eq!(admin.namespace(), ns);
+    let sync = TaskMeta::new("sync", "*/5 * * * * *").with_payload("p");
+    admin.add_task(&sync).await.expect("add");
+    assert_eq!(admin.tasks().await.expect("tasks"), vec![sync.clone()]);
+    assert!(matches!(
+        admin.add_task(&TaskMeta::new("sync", "* * * * * *")).await,
+        Err(Error::TaskExists(name)) if name == "sync"
+    ));
+    claim(&registry, &ns, "sync", 1_000).await;
+
+    admin.mark_deleted("sync").await.expect("mark deleted");
+    assert!(admin.is_deleted("sync").await.expect("is deleted"));
+    assert!(matches!(
+        admin.add_task(&sync).await,
+        Err(Error::TaskDeleted(name)) if name == "sync"
+    ));
+    admin.reuse_deleted("sync").await.expect("reuse");
+    assert!(!admin.is_deleted("sync").await.expect("is deleted"));
+
+    // A forced add overwrites and clears tombstone and claim.
+    admin.mark_deleted("sync").await.expect("mark deleted");
+    let changed = TaskMeta::new("sync", "0 * * * * *");
+    admin.force_add_task(&changed).await.expect("force add");
+    assert_eq!(contents(&admin).await, (vec![changed], vec![], vec![]));
+
+    // Cleanup removes every trace.
+    claim(&registry, &ns, "sync", 2_000).await;
+    admin.mark_deleted("sync").await.expect("mark deleted");
+    admin.cleanup("sync").await.expect("cleanup");
+    assert_eq!(contents(&admin).await, (vec![], vec![], vec![]));
+    admin.cleanup("sync").await.expect("cleanup of nothing");
+
+    admin.add_task(&sync).await.expect("add again");
+    admin.mark_deleted("other").await.expect("mark deleted");
+    admin.clear().await.expect("clear");
+    assert_eq!(contents(&admin).await, (vec![], vec![], vec![]));
+}
+
+#[tokio::test]
+async fn admin_bad_input_is_rejected_and_writes_nothing() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("admin-bad");
+    let shared: Arc<dyn Registry> = Arc::new(registry.clone());
+    let admin = Admin::new(shared.clone(), &ns)
+        .expect("admin")
+        .with_max_payload(16);
+    admin
+        .add_task(&TaskMeta::new("kept", "* * * * * *"))
+        .await
+        .expect("add");
+    admin.mark_deleted("gone").await.expect("mark deleted");
+    claim(&registry, &ns, "kept", 1_000).await;
+    let before = contents(&admin).await;
+
+    for name in ["", "a/b", "white space", &"x".repeat(201)] {
+        let meta = TaskMeta::new(name, "* * * * *");
+        for result in [
+            admin.add_task(&meta).await,
+            admin.force_add_task(&meta).await,
+            admin.mark_deleted(name).await,
+            admin.reuse_deleted(name).await,
+            admin.cleanup(name).await,
+            admin.is_deleted(name).await.map(drop),
+        ] {
+            assert!(
+                matches!(result, Err(Error::InvalidTaskName { .. })),
+                "{name:?}: {result:?}"
+            );
+        }
+    }
+    for cron in ["", "* * *", "99 * * * *", "CRON_TZ=Nowhere/City * * * * *"] {
+        // `gone` is tombstoned: a forced add with a bad cron must not revive it.
+        let meta = TaskMeta::new("gone", cron);
+        for result in [
+            admin.add_task(&meta).await,
+            admin.force_add_task(&meta).await,
+        ] {
+            assert!(
+                matches!(result, Err(Error::InvalidCron { .. })),
+                "{cron}: {result:?}"
+            );
+        }
+    }
+    let big = TaskMeta::new("kept", "* * * * *").with_payload("x".repeat(17));
+    for result in [admin.add_task(&big).await, admin.force_add_task(&big).await] {
+        assert!(
+            matches!(
+                result,
+                Err(Error::PayloadTooLarge {
+                    size: 17,
+                    limit: 16
+                })
+            ),
+            "{result:?}"
+        );
+    }
+    assert_eq!(contents(&admin).await, before);
+    assert!(matches!(
+        Admin::new(shared, "bad/ns"),
+        Err(Error::InvalidConfig(_))
+    ));
+}
+
+/// A node's task API and an `Admin` on the same namespace are one path:
+/// the same checks, the same errors, each seeing the other's writes.
+#[tokio::test]
+async fn node_and_admin_share_one_task_path() {
+    let registry = MemoryRegistry::new();
+    let ns = fresh_ns("admin-node");
+    let admin = Admin::new(Arc::new(registry.clone()), &ns)
+        .expect("admin")
+        .with_max_payload(16);
+    let node = Dcron::builder(registry.clone())
+        .namespace(&ns)
+        .max_payload(16)
+        .build()
+        .expect("node");
+    let big = TaskMeta::new("t", "* * * * *").with_payload("x".repeat(17));
+    assert_eq!(
+        format!("{:?}", node.add_task_meta(big.clone()).await),
+        format!("{:?}", admin.add_task(&big).await)
+    );
+    admin
+        .add_task(&TaskMeta::new("t", "* * * * * *"))
+        .await
+        .expect("add");
+    assert!(matches!(
+        node.add_task_meta(TaskMeta::new("t", "* * * * * *")).await,
+        Err(Error::TaskExists(_))
+    ));
+    node.mark_task_deleted("t").await.expect("mark deleted");
+    assert!(admin.is_deleted("t").await.expect("is deleted"));
+    assert!(matches!(
+        admin.add_task(&TaskMeta::new("u", "* * * * * *")).await,
+        Ok(())
+    ));
+    node.cleanup_task("t").await.expect("cleanup");
+    assert_eq!(
+        admin.tasks().await.expect("tasks"),
+        vec![TaskMeta::new("u", "* * * * * *")]
+    );
+    assert!(!admin.is_deleted("t").await.expect("is deleted"));
 }

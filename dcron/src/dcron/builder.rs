@@ -1,12 +1,13 @@
-//! Configuration of a node.
+//! Configuration of a node: the options, checked and resolved (timing
+//! defaults come from the backend) when the node is built.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
 
+use super::Dcron;
 use crate::clock::{Clock, SystemClock};
-use crate::dcron::Dcron;
 use crate::engine::{CatchUp, ErrorHandler, Overlap};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -15,6 +16,13 @@ use crate::task::{Task, TaskMeta, DEFAULT_MAX_PAYLOAD};
 
 /// Default namespace.
 pub const DEFAULT_NAMESPACE: &str = "dcron";
+
+/// A node's timing, resolved and checked.
+pub(super) struct Timing {
+    pub ttl: Duration,
+    pub heartbeat: Duration,
+    pub reload: Duration,
+}
 
 /// Builds a [`Dcron`] node. Every option has a sensible default; timing
 /// defaults come from the registry backend.
@@ -36,28 +44,28 @@ pub const DEFAULT_NAMESPACE: &str = "dcron";
 /// # drop(node);
 /// ```
 pub struct Builder {
-    pub(crate) registry: Arc<dyn Registry>,
-    pub(crate) namespace: String,
-    pub(crate) assigner: Arc<dyn Assigner>,
-    pub(crate) strategy_name: String,
-    pub(crate) node_id: Option<String>,
-    pub(crate) ip: Option<String>,
-    pub(crate) weight: u32,
-    pub(crate) timezone: Tz,
-    pub(crate) task_handler: Option<Arc<dyn Task>>,
-    pub(crate) error_handler: Option<ErrorHandler>,
-    pub(crate) node_ttl: Option<Duration>,
-    pub(crate) heartbeat: Option<Duration>,
-    pub(crate) reload: Option<Duration>,
-    pub(crate) catch_up: CatchUp,
-    pub(crate) overlap: Overlap,
-    pub(crate) max_payload: usize,
-    pub(crate) drain_timeout: Duration,
-    pub(crate) clock: Arc<dyn Clock>,
+    pub(super) registry: Arc<dyn Registry>,
+    pub(super) namespace: String,
+    pub(super) assigner: Arc<dyn Assigner>,
+    pub(super) strategy_name: String,
+    pub(super) node_id: Option<String>,
+    pub(super) ip: Option<String>,
+    pub(super) weight: u32,
+    pub(super) timezone: Tz,
+    pub(super) task_handler: Option<Arc<dyn Task>>,
+    pub(super) error_handler: Option<ErrorHandler>,
+    pub(super) node_ttl: Option<Duration>,
+    pub(super) heartbeat: Option<Duration>,
+    pub(super) reload: Option<Duration>,
+    pub(super) catch_up: CatchUp,
+    pub(super) overlap: Overlap,
+    pub(super) max_payload: usize,
+    pub(super) drain_timeout: Duration,
+    pub(super) clock: Arc<dyn Clock>,
 }
 
 impl Builder {
-    pub(crate) fn new(registry: Arc<dyn Registry>) -> Self {
+    pub(super) fn new(registry: Arc<dyn Registry>) -> Self {
         Builder {
             registry,
             namespace: DEFAULT_NAMESPACE.to_string(),
@@ -218,6 +226,11 @@ impl Builder {
                 "reload interval must be positive".into(),
             ));
         }
-        Ok(Dcron::from_builder(self, ttl, heartbeat, reload))
+        let timing = Timing {
+            ttl,
+            heartbeat,
+            reload,
+        };
+        Ok(Dcron::from_builder(self, timing))
     }
 }
