@@ -55,11 +55,14 @@ impl RedisRegistry {
         tasks: &[&str],
         claim: &Claim,
     ) -> Vec<ClaimOutcome> {
+        let keys = match self.keys(ns) {
+            Ok(keys) => keys,
+            Err(err) => return ClaimOutcome::fail_all(tasks.len(), err),
+        };
         let mut checked: Vec<Option<ClaimOutcome>> = tasks
             .iter()
             .map(|task| {
-                check_segment("namespace", ns)
-                    .and_then(|()| check_segment("task name", task))
+                check_segment("task name", task)
                     .err()
                     .map(ClaimOutcome::Failed)
             })
@@ -70,11 +73,7 @@ impl RedisRegistry {
             .filter(|(_, checked)| checked.is_none())
             .map(|(task, _)| *task)
             .collect();
-        let answers = match Keys::new(ns, self.inner.db) {
-            Ok(keys) => self.claim_chunks(&keys, &valid, claim).await,
-            Err(err) => ClaimOutcome::fail_all(valid.len(), err),
-        };
-        let mut answers = answers.into_iter();
+        let mut answers = self.claim_chunks(&keys, &valid, claim).await.into_iter();
         checked
             .iter_mut()
             .map(|checked| {

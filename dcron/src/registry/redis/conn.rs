@@ -52,7 +52,8 @@ pub(super) fn kind_of(err: &RedisError) -> RegistryErrorKind {
         return RegistryErrorKind::Rejected;
     }
     match err.code() {
-        Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN") => {
+        // READONLY: a write reached a replica, the master is moving.
+        Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY") => {
             RegistryErrorKind::Unavailable
         }
         Some("NOAUTH" | "WRONGPASS" | "NOPERM") => RegistryErrorKind::Rejected,
@@ -101,6 +102,11 @@ impl RedisRegistry {
                     after: bound,
                 })
             })
+    }
+
+    /// Runs an idempotent script answering a number.
+    pub(super) async fn run(&self, what: &str, inv: ScriptInvocation<'_>) -> Result<i64> {
+        self.query(what, true, Req::Script(inv)).await
     }
 
     /// Every field of hash `key` (HSCAN with a cursor, deduplicated).
@@ -154,7 +160,7 @@ mod tests {
         use RegistryErrorKind::{Other, Rejected, Unavailable};
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(kind_of(&RedisError::from(refused)), Unavailable);
-        for code in ["LOADING", "TRYAGAIN", "BUSY"] {
+        for code in ["LOADING", "TRYAGAIN", "BUSY", "READONLY"] {
             assert_eq!(kind_of(&server(code)), Unavailable, "{code}");
         }
         for code in ["NOAUTH", "WRONGPASS", "NOPERM"] {

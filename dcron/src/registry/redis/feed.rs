@@ -158,7 +158,8 @@ impl Feed {
     }
 
     /// Subscribes again; events may have been missed meanwhile, so the
-    /// receiver is told to reload.
+    /// receiver is told to reload. A failure that retrying cannot cure
+    /// ends the feed.
     async fn resubscribe(&mut self) -> Go {
         match subscription::subscribe(&self.registry.inner, &self.keys.events).await {
             Ok(sub) => {
@@ -168,6 +169,12 @@ impl Feed {
                 self.sweep_at = Instant::now();
                 self.ping_at = Instant::now() + PING_EVERY;
                 self.out.resync()
+            }
+            Err(err) if !err.is_retryable() => {
+                // Closing the feed tells the node to watch again (with
+                // its own backoff), which reports the error.
+                tracing::warn!(backend = BACKEND, %err, "watch feed cannot resubscribe; ending it");
+                false
             }
             Err(err) => {
                 let pause = self.backoff.fail();

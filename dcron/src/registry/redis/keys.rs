@@ -52,11 +52,26 @@ impl Keys {
         inv
     }
 
-    /// A hash script on `hash` with the channel as its first argument.
-    pub fn hash_script<'a>(&self, script: &'a Script, hash: &str) -> ScriptInvocation<'a> {
+    /// A node script about node `id`, which must be one key segment.
+    pub fn for_node<'a>(&self, script: &'a Script, id: &str) -> Result<ScriptInvocation<'a>> {
+        check_segment("node id", id)?;
+        let mut inv = self.node_script(script);
+        inv.arg(id);
+        Ok(inv)
+    }
+
+    /// A script on field `name` of `hash`, after the channel; the name must
+    /// be one key segment.
+    pub fn for_field<'a>(
+        &self,
+        script: &'a Script,
+        hash: &str,
+        name: &str,
+    ) -> Result<ScriptInvocation<'a>> {
+        check_segment("task name", name)?;
         let mut inv = script.prepare_invoke();
-        inv.key(hash).arg(&self.events);
-        inv
+        inv.key(hash).arg(&self.events).arg(name);
+        Ok(inv)
     }
 }
 

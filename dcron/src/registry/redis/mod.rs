@@ -19,42 +19,24 @@
 //! | claim watermark | `{ns}:claims` hash | name → [`Claim`] JSON |
 //! | change feed | pub/sub channel `{ns}:events` (`{ns}:events:db<N>` on a database other than 0, since pub/sub ignores databases) | `<kind> <name>` |
 //!
-//! A node on Redis, end to end (the quick start of the README):
+//! A node on Redis (the README's quick start shows more):
 //!
 //! ```no_run
 //! use dcron::registry::RedisRegistry;
-//! use dcron::{Dcron, Strategy, TaskContext, TaskMeta};
+//! use dcron::{Dcron, TaskContext};
 //!
-//! #[tokio::main]
-//! async fn main() -> dcron::Result<()> {
-//!     let registry = RedisRegistry::connect("redis://127.0.0.1:6379/0").await?;
-//!     let node = Dcron::builder(registry)
-//!         .namespace("billing")
-//!         .strategy(Strategy::Consistent)
-//!         // Runs the dynamic tasks (added with add_task_meta) this node owns.
-//!         .task_handler(|ctx: TaskContext| async move {
-//!             println!("{} ({}) for {}", ctx.name(), ctx.payload(), ctx.scheduled());
-//!             Ok(())
-//!         })
-//!         .build()?;
-//!     // A static task: defined in code on every node that adds it.
-//!     node.add_func("nightly-report", "0 30 2 * * *", |ctx: TaskContext| async move {
-//!         println!("report for {} (fencing token {})", ctx.scheduled(), ctx.fire_time);
-//!         Ok(())
-//!     })
-//!     .await?;
-//!     // A dynamic task: stored in Redis, seen by every node.
-//!     match node
-//!         .add_task_meta(TaskMeta::new("invoice-42", "0 */10 * * * *").with_payload(r#"{"customer":42}"#))
-//!         .await
-//!     {
-//!         Ok(()) | Err(dcron::Error::TaskExists(_)) => {} // another node added it first
-//!         Err(err) => return Err(err),
-//!     }
-//!     node.start().await?;
-//!     dcron::shutdown_signal().await; // Ctrl-C or SIGTERM
-//!     node.stop().await
-//! }
+//! # async fn demo() -> dcron::Result<()> {
+//! let registry = RedisRegistry::connect("redis://127.0.0.1:6379/0").await?;
+//! let node = Dcron::builder(registry).namespace("billing").build()?;
+//! node.add_func("nightly-report", "0 30 2 * * *", |ctx: TaskContext| async move {
+//!     println!("report for {} (fencing token {})", ctx.scheduled(), ctx.fire_time);
+//!     Ok(())
+//! })
+//! .await?;
+//! node.start().await?;
+//! dcron::shutdown_signal().await; // Ctrl-C or SIGTERM
+//! node.stop().await
+//! # }
 //! ```
 //!
 //! The code, one concept per file: [`RedisRegistryBuilder`] (`builder.rs`),
@@ -256,44 +238,6 @@ impl RedisRegistry {
     fn keys(&self, ns: &str) -> Result<Keys> {
         Keys::new(ns, self.inner.db)
     }
-
-    /// Runs a node script for node `id` with `args` after the common ones.
-    async fn node_call(
-        &self,
-        what: &str,
-        ns: &str,
-        script: &redis::Script,
-        id: &str,
-        args: &[&[u8]],
-    ) -> Result<i64> {
-        check_segment("node id", id)?;
-        let keys = self.keys(ns)?;
-        let mut inv = keys.node_script(script);
-        inv.arg(id);
-        for arg in args {
-            inv.arg(*arg);
-        }
-        self.query(what, true, Req::Script(inv)).await
-    }
-
-    /// Runs a hash script on field `name` of `hash` with `args` after it.
-    async fn hash_call(
-        &self,
-        what: &str,
-        keys: &Keys,
-        hash: &str,
-        script: &redis::Script,
-        name: &str,
-        args: &[&str],
-    ) -> Result<i64> {
-        check_segment("task name", name)?;
-        let mut inv = keys.hash_script(script, hash);
-        inv.arg(name);
-        for arg in args {
-            inv.arg(*arg);
-        }
-        self.query(what, true, Req::Script(inv)).await
-    }
 }
 
 /// A TTL in ms for the scripts: at least 1, at most about 34 years (Lua
@@ -316,38 +260,26 @@ impl Registry for RedisRegistry {
     }
 
     async fn register(&self, ns: &str, node: &Node, ttl: Duration) -> Result<()> {
-        let (record, ttl) = (codec::encode(node), millis(ttl).to_string());
-        self.node_call(
-            "register",
-            ns,
-            &REGISTER,
-            &node.id,
-            &[&record, ttl.as_bytes()],
-        )
-        .await?;
-        Ok(())
+        let mut inv = self.keys(ns)?.for_node(&REGISTER, &node.id)?;
+        inv.arg(codec::encode(node)).arg(millis(ttl));
+        self.run("register", inv).await.map(drop)
     }
 
     async fn heartbeat(&self, ns: &str, node_id: &str, ttl: Duration) -> Result<bool> {
-        let ttl = millis(ttl).to_string();
-        let alive = self
-            .node_call("heartbeat", ns, &HEARTBEAT, node_id, &[ttl.as_bytes()])
-            .await?;
-        Ok(alive == 1)
+        let mut inv = self.keys(ns)?.for_node(&HEARTBEAT, node_id)?;
+        inv.arg(millis(ttl));
+        Ok(self.run("heartbeat", inv).await? == 1)
     }
 
     async fn update_node(&self, ns: &str, node: &Node) -> Result<bool> {
-        let record = codec::encode(node);
-        let alive = self
-            .node_call("update node", ns, &UPDATE_NODE, &node.id, &[&record])
-            .await?;
-        Ok(alive == 1)
+        let mut inv = self.keys(ns)?.for_node(&UPDATE_NODE, &node.id)?;
+        inv.arg(codec::encode(node));
+        Ok(self.run("update node", inv).await? == 1)
     }
 
     async fn unregister(&self, ns: &str, node_id: &str) -> Result<()> {
-        self.node_call("unregister", ns, &UNREGISTER, node_id, &[])
-            .await?;
-        Ok(())
+        let inv = self.keys(ns)?.for_node(&UNREGISTER, node_id)?;
+        self.run("unregister", inv).await.map(drop)
     }
 
     async fn nodes(&self, ns: &str) -> Result<Vec<Node>> {
@@ -370,34 +302,22 @@ impl Registry for RedisRegistry {
     }
 
     async fn put_task(&self, ns: &str, meta: &TaskMeta, overwrite: bool) -> Result<()> {
-        check_segment("task name", &meta.name)?;
         let keys = self.keys(ns)?;
-        let mut inv = keys.hash_script(&PUT_TASK, &keys.tasks);
-        inv.arg(&meta.name)
-            .arg(codec::encode(meta))
+        let mut inv = keys.for_field(&PUT_TASK, &keys.tasks, &meta.name)?;
+        inv.arg(codec::encode(meta))
             .arg(if overwrite { "1" } else { "0" });
         // Create-only is not retried: a lost answer would turn into TaskExists.
-        let stored: i64 = self.query("put task", overwrite, Req::Script(inv)).await?;
-        if stored == 1 {
-            Ok(())
-        } else {
-            Err(Error::TaskExists(meta.name.clone()))
+        match self.query("put task", overwrite, Req::Script(inv)).await? {
+            1 => Ok(()),
+            _ => Err(Error::TaskExists(meta.name.clone())),
         }
     }
 
     async fn delete_task(&self, ns: &str, name: &str) -> Result<()> {
         let keys = self.keys(ns)?;
-        let args = ["task-delete"];
-        self.hash_call(
-            "delete task",
-            &keys,
-            &keys.tasks,
-            &HDEL_PUBLISH,
-            name,
-            &args,
-        )
-        .await?;
-        Ok(())
+        let mut inv = keys.for_field(&HDEL_PUBLISH, &keys.tasks, name)?;
+        inv.arg("task-delete");
+        self.run("delete task", inv).await.map(drop)
     }
 
     async fn tasks(&self, ns: &str) -> Result<Vec<TaskMeta>> {
@@ -411,32 +331,16 @@ impl Registry for RedisRegistry {
 
     async fn put_tombstone(&self, ns: &str, name: &str) -> Result<()> {
         let keys = self.keys(ns)?;
-        let args = [r#"{"deleted":true}"#, "tombstone-put"];
-        self.hash_call(
-            "put tombstone",
-            &keys,
-            &keys.deleted,
-            &HSET_NEW,
-            name,
-            &args,
-        )
-        .await?;
-        Ok(())
+        let mut inv = keys.for_field(&HSET_NEW, &keys.deleted, name)?;
+        inv.arg(r#"{"deleted":true}"#).arg("tombstone-put");
+        self.run("put tombstone", inv).await.map(drop)
     }
 
     async fn delete_tombstone(&self, ns: &str, name: &str) -> Result<()> {
         let keys = self.keys(ns)?;
-        let args = ["tombstone-delete"];
-        self.hash_call(
-            "delete tombstone",
-            &keys,
-            &keys.deleted,
-            &HDEL_PUBLISH,
-            name,
-            &args,
-        )
-        .await?;
-        Ok(())
+        let mut inv = keys.for_field(&HDEL_PUBLISH, &keys.deleted, name)?;
+        inv.arg("tombstone-delete");
+        self.run("delete tombstone", inv).await.map(drop)
     }
 
     async fn tombstones(&self, ns: &str) -> Result<Vec<String>> {
@@ -479,12 +383,9 @@ impl Registry for RedisRegistry {
     async fn clear(&self, ns: &str) -> Result<()> {
         let keys = self.keys(ns)?;
         let mut inv = CLEAR.prepare_invoke();
-        inv.key(&keys.tasks)
-            .key(&keys.deleted)
-            .key(&keys.claims)
-            .arg(&keys.events);
-        let _: i64 = self.query("clear", true, Req::Script(inv)).await?;
-        Ok(())
+        inv.key(&keys.tasks).key(&keys.deleted).key(&keys.claims);
+        inv.arg(&keys.events);
+        self.run("clear", inv).await.map(drop)
     }
 
     async fn watch(&self, ns: &str) -> Result<WatchReceiver> {
