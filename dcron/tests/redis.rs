@@ -227,13 +227,20 @@ async fn constructors_from_client_and_connection_manager() {
     let h = harness!();
     let client = redis::Client::open(h.url.as_str()).expect("url");
     let ns = fresh_ns("ctor");
-    let a = RedisRegistry::from_client(client.clone())
+    let a = RedisRegistry::builder(h.url.as_str())
+        .client(client.clone())
+        .connect()
         .await
         .expect("from client");
     let manager = redis::aio::ConnectionManager::new(client.clone())
         .await
         .expect("manager");
-    let b = RedisRegistry::from_connection_manager(client, manager);
+    let b = RedisRegistry::builder(h.url.as_str())
+        .client(client)
+        .connection_manager(manager)
+        .connect()
+        .await
+        .expect("from connection manager");
     let mut rx = b.watch(&ns).await.expect("watch");
     let meta = TaskMeta::new("t", "* * * * *");
     a.put_task(&ns, &meta, false).await.expect("put");

@@ -282,6 +282,6 @@ pub use self::consul::ConsulRegistry;
 #[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdRegistry, EtcdRegistryBuilder};
 #[cfg(feature = "redis")]
-pub use self::redis::RedisRegistry;
+pub use self::redis::{RedisRegistry, RedisRegistryBuilder};
 #[cfg(feature = "zookeeper")]
 pub use self::zookeeper::ZookeeperRegistry;
