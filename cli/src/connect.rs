@@ -372,7 +372,7 @@ async fn connect_with_env(
             #[cfg(feature = "zookeeper")]
             {
                 let mut builder =
-                    dcron::registry::zookeeper::ZookeeperBuilder::new(connect.clone());
+                    dcron::registry::ZookeeperRegistry::builder(connect.clone());
                 if let Some(ttl) = opts.node_ttl {
                     builder = builder.session_timeout(ttl);
                 }

@@ -286,4 +286,4 @@ pub use self::etcd::EtcdRegistry;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisRegistry;
 #[cfg(feature = "zookeeper")]
-pub use self::zookeeper::ZookeeperRegistry;
+pub use self::zookeeper::{ZookeeperRegistry, ZookeeperRegistryBuilder};
