@@ -291,28 +291,16 @@ async fn drain_ready(
     watchers: &mut [&mut PersistentWatcher; 3],
     batch: &mut Vec<(usize, WatchedEvent)>,
 ) {
-    let mut open = [true; 3];
-    while batch.len() < WATCH_BATCH && !batch.iter().any(|(_, e)| is_terminal(e)) {
-        let mut got = false;
-        for (i, w) in watchers.iter_mut().enumerate() {
-            if !open[i] || batch.iter().any(|(_, e)| is_terminal(e)) {
-                continue;
-            }
-            let next = tokio::select! {
+    let mut ended = batch.iter().any(|(_, e)| is_terminal(e));
+    for (i, w) in watchers.iter_mut().enumerate() {
+        while !ended && batch.len() < WATCH_BATCH {
+            let queued = tokio::select! {
                 biased;
-                ev = w.changed() => Some(ev),
-                _ = std::future::ready(()) => None,
+                ev = w.changed() => ev,
+                _ = std::future::ready(()) => break,
             };
-            match next {
-                Some(ev) => {
-                    batch.push((i, ev));
-                    got = true;
-                }
-                None => open[i] = false,
-            }
-        }
-        if !got {
-            break;
+            ended = is_terminal(&queued);
+            batch.push((i, queued));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! [`zookeeper_client`] crate. The contract it implements is in
 //! `docs/design.md`.
 //!
-//! Layout under the namespace `ns` ([`keys::Layout`](crate::registry::kit::keys::Layout)
+//! Layout under the namespace `ns` (the key layout every backend shares,
 //! below `/`), parents created as needed:
 //!
 //! | data | znode | kind |
@@ -44,42 +44,8 @@
 //! `/ns/nodes`, `/ns/tasks` and `/ns/deleted`; `/ns/claims` is not
 //! watched, so a fire costs no watch traffic.
 //!
-//! ```no_run
-//! use std::time::Duration;
-//!
-//! use dcron::registry::ZookeeperRegistry;
-//! use dcron::{Dcron, Strategy, TaskContext, TaskMeta};
-//!
-//! #[tokio::main]
-//! async fn main() -> dcron::Result<()> {
-//!     // Several servers and an optional chroot (created if missing).
-//!     let registry = ZookeeperRegistry::builder("zk1:2181,zk2:2181,zk3:2181/dcron")
-//!         .session_timeout(Duration::from_secs(10)) // = how long a crashed node stays listed
-//!         .connect()
-//!         .await?;
-//!
-//!     let node = Dcron::builder(registry)
-//!         .namespace("billing")
-//!         .strategy(Strategy::Consistent)
-//!         .task_handler(|ctx: TaskContext| async move {
-//!             println!("{} payload={} fire={}", ctx.name(), ctx.payload(), ctx.fire_time);
-//!             Ok(())
-//!         })
-//!         .build()?;
-//!
-//!     node.add_func("nightly-report", "0 30 2 * * *", |ctx: TaskContext| async move {
-//!         println!("report for {}", ctx.scheduled());
-//!         Ok(())
-//!     })
-//!     .await?;
-//!     node.add_task_meta(TaskMeta::new("sync-invoices", "*/10 * * * * *").with_payload(r#"{"tenant":42}"#))
-//!         .await?;
-//!
-//!     node.start().await?;
-//!     dcron::shutdown_signal().await;
-//!     node.stop().await
-//! }
-//! ```
+//! Build one with [`ZookeeperRegistry::connect`] or
+//! [`ZookeeperRegistry::builder`], then hand it to [`Dcron::builder`](crate::Dcron::builder).
 
 mod builder;
 mod claim;
@@ -99,6 +65,7 @@ pub use self::builder::ZookeeperRegistryBuilder;
 pub use zookeeper_client;
 
 use self::session::Inner;
+use self::znodes::Found;
 use super::codec;
 use super::kit::keys::{Kind, Layout};
 use super::{Claim, ClaimOutcome, Registry, Timing, WatchReceiver};
@@ -233,13 +200,13 @@ impl Registry for ZookeeperRegistry {
 
     async fn register(&self, ns: &str, node: &Node, _ttl: Duration) -> Result<()> {
         let layout = layout(ns)?;
-        let path = layout.key(Kind::Node, &node.id)?;
+        let (path, dir) = (layout.key(Kind::Node, &node.id)?, layout.dir(Kind::Node));
         let inner = &*self.inner;
         inner
-            .bounded("registering a node", async {
-                let client = inner.session().await?;
-                let (dir, data) = (layout.dir(Kind::Node), codec::encode(node));
-                inner.register_at(&client, &dir, &path, &data).await
+            .call("registering a node", |c| async move {
+                inner
+                    .register_at(&c, &dir, &path, &codec::encode(node))
+                    .await
             })
             .await
     }
@@ -248,9 +215,8 @@ impl Registry for ZookeeperRegistry {
         let path = layout(ns)?.key(Kind::Node, node_id)?;
         let inner = &*self.inner;
         inner
-            .bounded("checking a node's registration", async {
-                let client = inner.session().await?;
-                Ok(inner.owned(&client, &path).await?.is_some())
+            .call("checking a node's registration", |c| async move {
+                Ok(inner.owned(&c, &path).await?.is_some())
             })
             .await
     }
@@ -259,16 +225,15 @@ impl Registry for ZookeeperRegistry {
         let path = layout(ns)?.key(Kind::Node, &node.id)?;
         let inner = &*self.inner;
         inner
-            .bounded("updating a node", async {
-                let client = inner.session().await?;
-                inner.update_at(&client, &path, &codec::encode(node)).await
+            .call("updating a node", |c| async move {
+                inner.update_at(&c, &path, &codec::encode(node)).await
             })
             .await
     }
 
     async fn unregister(&self, ns: &str, node_id: &str) -> Result<()> {
         let path = layout(ns)?.key(Kind::Node, node_id)?;
-        self.delete_at("unregistering a node", &path).await
+        self.delete_at("unregistering a node", path).await
     }
 
     async fn nodes(&self, ns: &str) -> Result<Vec<Node>> {
@@ -288,15 +253,14 @@ impl Registry for ZookeeperRegistry {
 
     async fn put_task(&self, ns: &str, meta: &TaskMeta, overwrite: bool) -> Result<()> {
         let layout = layout(ns)?;
-        let path = layout.key(Kind::Task, &meta.name)?;
+        let (path, dir) = (layout.key(Kind::Task, &meta.name)?, layout.dir(Kind::Task));
         let inner = &*self.inner;
         inner
-            .bounded("storing a task", async {
-                let client = inner.session().await?;
-                let (dir, data) = (layout.dir(Kind::Task), codec::encode(meta));
+            .call("storing a task", |c| async move {
+                let data = codec::encode(meta);
                 if overwrite {
-                    inner.upsert(&client, &dir, &path, &data).await
-                } else if inner.create_new(&client, &dir, &path, &data).await? {
+                    inner.upsert(&c, &dir, &path, &data).await
+                } else if inner.create_new(&c, &dir, &path, &data).await? {
                     Ok(())
                 } else {
                     Err(Error::TaskExists(meta.name.clone()))
@@ -307,7 +271,7 @@ impl Registry for ZookeeperRegistry {
 
     async fn delete_task(&self, ns: &str, name: &str) -> Result<()> {
         let path = layout(ns)?.key(Kind::Task, name)?;
-        self.delete_at("deleting a task", &path).await
+        self.delete_at("deleting a task", path).await
     }
 
     async fn tasks(&self, ns: &str) -> Result<Vec<TaskMeta>> {
@@ -320,33 +284,30 @@ impl Registry for ZookeeperRegistry {
 
     async fn put_tombstone(&self, ns: &str, name: &str) -> Result<()> {
         let layout = layout(ns)?;
-        let path = layout.key(Kind::Tombstone, name)?;
+        let (path, dir) = (
+            layout.key(Kind::Tombstone, name)?,
+            layout.dir(Kind::Tombstone),
+        );
+        let data = codec::encode(&serde_json::json!({ "deleted": true }));
         let inner = &*self.inner;
         inner
-            .bounded("writing a tombstone", async {
-                let client = inner.session().await?;
-                let data = codec::encode(&serde_json::json!({ "deleted": true }));
-                let dir = layout.dir(Kind::Tombstone);
-                inner
-                    .create_new(&client, &dir, &path, &data)
-                    .await
-                    .map(|_| ())
+            .call("writing a tombstone", |c| async move {
+                inner.create_new(&c, &dir, &path, &data).await.map(drop)
             })
             .await
     }
 
     async fn delete_tombstone(&self, ns: &str, name: &str) -> Result<()> {
         let path = layout(ns)?.key(Kind::Tombstone, name)?;
-        self.delete_at("deleting a tombstone", &path).await
+        self.delete_at("deleting a tombstone", path).await
     }
 
     async fn tombstones(&self, ns: &str) -> Result<Vec<String>> {
         let dir = layout(ns)?.dir(Kind::Tombstone);
         let inner = &*self.inner;
         inner
-            .bounded("listing tombstones", async {
-                let client = inner.session().await?;
-                inner.children(&client, &dir).await
+            .call("listing tombstones", |c| async move {
+                inner.children(&c, &dir).await
             })
             .await
     }
@@ -361,23 +322,20 @@ impl Registry for ZookeeperRegistry {
     }
 
     async fn claim_many(&self, ns: &str, tasks: &[&str], claim: &Claim) -> Vec<ClaimOutcome> {
-        if tasks.is_empty() {
-            return Vec::new();
-        }
         let layout = match layout(ns) {
             Ok(layout) => layout,
             Err(err) => return ClaimOutcome::fail_all(tasks.len(), err),
         };
+        if tasks.is_empty() {
+            return Vec::new();
+        }
         // Every step inside is bounded by the claim deadline (4/5 of the
         // request timeout); this outer bound is only a safety net.
         let after = self.inner.settings.options.request_timeout;
         let claiming = claim::claim_many(&self.inner, &layout, tasks, claim);
         match tokio::time::timeout(after, claiming).await {
             Ok(outcomes) => outcomes,
-            Err(_) => {
-                let err = errors::timed_out("claiming fires", after);
-                ClaimOutcome::fail_all(tasks.len(), err)
-            }
+            Err(_) => ClaimOutcome::fail_all(tasks.len(), errors::timed_out("claiming", after)),
         }
     }
 
@@ -396,17 +354,16 @@ impl Registry for ZookeeperRegistry {
 
     async fn delete_claim(&self, ns: &str, task: &str) -> Result<()> {
         let path = layout(ns)?.key(Kind::Claim, task)?;
-        self.delete_at("deleting a claim", &path).await
+        self.delete_at("deleting a claim", path).await
     }
 
     async fn clear(&self, ns: &str) -> Result<()> {
         let layout = layout(ns)?;
         let inner = &*self.inner;
         inner
-            .bounded("clearing a namespace", async {
-                let client = inner.session().await?;
+            .call("clearing a namespace", |c| async move {
                 for kind in [Kind::Task, Kind::Tombstone, Kind::Claim] {
-                    inner.delete_children(&client, &layout.dir(kind)).await?;
+                    inner.delete_children(&c, &layout.dir(kind)).await?;
                 }
                 Ok(())
             })
@@ -418,33 +375,23 @@ impl Registry for ZookeeperRegistry {
     }
 }
 
-/// Reads of whole directories and deletes of one znode, bounded.
+/// What several calls share: reading a whole directory, deleting a znode.
 impl ZookeeperRegistry {
-    /// Every child of `kind`'s directory with its data and stat.
-    async fn read_dir(
-        &self,
-        what: &str,
-        ns: &str,
-        kind: Kind,
-    ) -> Result<Vec<(String, Option<(Vec<u8>, zookeeper_client::Stat)>)>> {
+    /// Every child of `kind`'s directory with its data and stat (`None`
+    /// for one deleted meanwhile).
+    async fn read_dir(&self, what: &str, ns: &str, kind: Kind) -> Result<Vec<(String, Found)>> {
         let dir = layout(ns)?.dir(kind);
         let inner = &*self.inner;
         inner
-            .bounded(what, async {
-                let client = inner.session().await?;
-                inner.read_children(&client, &dir).await
-            })
+            .call(what, |c| async move { inner.read_children(&c, &dir).await })
             .await
     }
 
     /// Deletes `path` (absent is `Ok`).
-    async fn delete_at(&self, what: &str, path: &str) -> Result<()> {
+    async fn delete_at(&self, what: &str, path: String) -> Result<()> {
         let inner = &*self.inner;
         inner
-            .bounded(what, async {
-                let client = inner.session().await?;
-                inner.delete(&client, path).await
-            })
+            .call(what, |c| async move { inner.delete(&c, &path).await })
             .await
     }
 }

@@ -241,6 +241,16 @@ impl Inner {
         }
     }
 
+    /// `op` on a connected session (failing at once while disconnected),
+    /// within the request timeout.
+    pub async fn call<'a, T, Fut>(&'a self, what: &str, op: impl FnOnce(Client) -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>> + 'a,
+    {
+        self.bounded(what, async { op(self.session().await?).await })
+            .await
+    }
+
     /// Runs `fut` within the request timeout.
     pub async fn bounded<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         let after = self.settings.options.request_timeout;

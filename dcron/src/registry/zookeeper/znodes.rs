@@ -15,6 +15,9 @@ pub(super) const PIPELINE: usize = 512;
 /// Bound on rounds of a write racing with concurrent writers or deletes.
 pub(super) const MAX_ATTEMPTS: usize = 32;
 
+/// A child's data and stat; `None` if it was deleted meanwhile.
+pub(super) type Found = Option<(Vec<u8>, Stat)>;
+
 impl Inner {
     /// `mkdir -p` of a persistent directory.
     pub async fn ensure_dir(&self, client: &Client, dir: &str) -> Result<()> {
@@ -86,11 +89,7 @@ impl Inner {
 
     /// Data of `dir/<child>` for every child, pipelined; `None` for
     /// children deleted meanwhile.
-    pub async fn read_children(
-        &self,
-        client: &Client,
-        dir: &str,
-    ) -> Result<Vec<(String, Option<(Vec<u8>, Stat)>)>> {
+    pub async fn read_children(&self, client: &Client, dir: &str) -> Result<Vec<(String, Found)>> {
         let names = self.children(client, dir).await?;
         let mut out = Vec::with_capacity(names.len());
         for chunk in names.chunks(PIPELINE) {
