@@ -12,7 +12,7 @@ use zookeeper_client::{
 };
 
 use super::errors::zk_err;
-use super::session::is_connected;
+use super::session::{is_connected, Inner};
 use super::{ZookeeperRegistry, BACKEND};
 use crate::backoff::Backoff;
 use crate::error::Result;
@@ -30,13 +30,7 @@ const WATCHED: [Kind; 3] = [Kind::Node, Kind::Task, Kind::Tombstone];
 pub(super) async fn start(registry: &ZookeeperRegistry, layout: Layout) -> Result<WatchReceiver> {
     let inner = &*registry.inner;
     let epoch = inner.epoch.subscribe();
-    let (client, watchers) = inner
-        .bounded("starting a watch", async {
-            let client = inner.session().await?;
-            let watchers = add_watches(&client, &layout).await?;
-            Ok((client, watchers))
-        })
-        .await?;
+    let (client, watchers) = watch_on(inner, &layout, "starting a watch").await?;
     let ns = layout.base().trim_start_matches('/').to_string();
     let (tx, rx) = crate::registry::kit::feed::channel(BACKEND, &ns);
     let feed = Feed {
@@ -48,6 +42,20 @@ pub(super) async fn start(registry: &ZookeeperRegistry, layout: Layout) -> Resul
     };
     tokio::spawn(feed.run(client, watchers));
     Ok(rx)
+}
+
+/// A connected session and the feed's watches on it, within the request
+/// timeout.
+async fn watch_on(
+    inner: &Inner,
+    layout: &Layout,
+    what: &str,
+) -> Result<(Client, Vec<PersistentWatcher>)> {
+    let watching = |client: Client| async move {
+        let watchers = add_watches(&client, layout).await?;
+        Ok((client, watchers))
+    };
+    inner.call(what, watching).await
 }
 
 async fn add_watches(client: &Client, layout: &Layout) -> Result<Vec<PersistentWatcher>> {
@@ -124,14 +132,7 @@ impl Feed {
                 return None;
             }
             self.epoch.borrow_and_update();
-            let attempt = inner
-                .bounded("re-establishing a watch", async {
-                    let client = inner.session().await?;
-                    let watchers = add_watches(&client, &self.layout).await?;
-                    Ok((client, watchers))
-                })
-                .await;
-            let err = match attempt {
+            let err = match watch_on(inner, &self.layout, "re-establishing a watch").await {
                 Ok(found) => return Some(found),
                 Err(err) => err,
             };
