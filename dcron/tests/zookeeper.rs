@@ -387,14 +387,18 @@ async fn connect_string_with_hosts_and_chroot() {
     .await;
 }
 
-/// An existing client: `from_client` and `builder().client()`.
+/// An existing client, shared by two registries built with `client()`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_existing_client() {
     conformance::init_tracing();
     let Some(h) = harness() else { return };
     let ns = conformance::fresh_ns("zk-client");
     let client = Client::connect(&h.connect).await.expect("client");
-    let a = ZookeeperRegistry::from_client(client.clone());
+    let a = ZookeeperRegistry::builder(h.connect.as_str())
+        .client(client.clone())
+        .connect()
+        .await
+        .expect("builder with client");
     a.put_task(&ns, &TaskMeta::new("x", "* * * * *"), false)
         .await
         .expect("put");

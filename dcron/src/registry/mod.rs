@@ -284,4 +284,4 @@ pub use self::etcd::{EtcdRegistry, EtcdRegistryBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisRegistry, RedisRegistryBuilder};
 #[cfg(feature = "zookeeper")]
-pub use self::zookeeper::ZookeeperRegistry;
+pub use self::zookeeper::{ZookeeperRegistry, ZookeeperRegistryBuilder};
