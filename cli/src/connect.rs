@@ -410,7 +410,7 @@ async fn connect_with_env(
                 if let Some(dc) = datacenter {
                     builder = builder.datacenter(dc.clone());
                 }
-                Ok(Arc::new(builder.build()?))
+                Ok(Arc::new(builder.connect().await?))
             }
             #[cfg(not(feature = "consul"))]
             Err(missing_feature("consul"))

@@ -280,7 +280,7 @@ pub mod redis;
 pub mod zookeeper;
 
 #[cfg(feature = "consul")]
-pub use self::consul::ConsulRegistry;
+pub use self::consul::{ConsulRegistry, ConsulRegistryBuilder};
 #[cfg(feature = "etcd")]
 pub use self::etcd::EtcdRegistry;
 #[cfg(feature = "redis")]
