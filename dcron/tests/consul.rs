@@ -360,9 +360,9 @@ async fn short_ttls_are_raised_to_consul_minimum() {
     r.unregister(&ns, "node-a").await.expect("unregister");
 }
 
-/// Batched claims racing each other (transaction batches that fail fall
-/// back to per-task CAS): exactly one winner per task and fire time, for
-/// large batches (recursive read) and small ones (point reads).
+/// Batched claims racing each other (rolled-back transactions are decided
+/// again on a fresh read): exactly one winner per task and fire time, for
+/// large batches (several transactions) and small ones (one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claim_many_one_winner() {
     let Some(h) = harness() else { return };
@@ -538,14 +538,14 @@ async fn claims_without_tokens_and_with_odd_ones() {
     tokenless_and_odd_watermarks(&h).await;
 }
 
-/// 300 tasks: a recursive read, then five transactions of up to 64 CAS.
+/// 300 tasks: five transactions of up to 64 reads, then of up to 64 CAS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_many_across_transactions() {
     let Some(h) = harness() else { return };
     large_batch_outcomes_in_order(&h, 300).await;
 }
 
-/// 20 tasks: point reads, then one transaction.
+/// 20 tasks: one read transaction, then one write transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_many_with_point_reads() {
     let Some(h) = harness() else { return };
@@ -1026,8 +1026,8 @@ async fn claim_throughput() {
         "consul claim (sequential): {:.0} claims/s ({n} in {secs:.2} s)",
         n as f64 / secs
     );
-    // Batched: claim_many over 500 tasks per fire time (one recursive read,
-    // then transactions of 64 CAS operations), and over 20 (point reads).
+    // Batched: claim_many over 500 tasks per fire time (transactions of 64
+    // reads, then of 64 CAS operations), and over 20 (one of each).
     for (size, rounds) in [(500usize, 8i64), (20, 100)] {
         let names: Vec<String> = (0..size).map(|i| format!("task-{size}-{i:04}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::http::Http;
-use super::kv::{unexplained_rollback, TxnAnswer, TxnError};
+use super::kv::{KvEntry, TxnAnswer};
 use super::{base64, ConsulRegistry, BACKEND};
 use crate::error::{Error, RegistryErrorKind, Result};
 use crate::registry::codec;
@@ -91,131 +91,103 @@ impl CasStore for ClaimStore<'_> {
     }
 }
 
+/// What a transaction did with one of its operations.
+enum Op {
+    /// Applied, with the entry Consul answered for it.
+    Applied(Option<KvEntry>),
+    /// Named by Consul as a reason for the rollback, with why.
+    Refused(String),
+    /// Not applied: the transaction kept rolling back for others, or
+    /// Consul did not say which operation failed.
+    Unsettled,
+}
+
 impl ClaimStore<'_> {
-    /// One transaction of `get`s. Consul rolls it back when a key is absent
-    /// and names every such key; the rest is read again without them.
+    /// `get`s; Consul rolls the transaction back for absent keys and names
+    /// every one of them.
     async fn read_batch(&self, keys: &[&str]) -> Vec<Result<Option<Stored<u64>>>> {
         let what = "read claims";
-        let mut answers: Vec<Option<Result<Option<Stored<u64>>>>> =
-            keys.iter().map(|_| None).collect();
+        let ops = keys
+            .iter()
+            .map(|key| serde_json::json!({"KV": {"Verb": "get", "Key": key}}))
+            .collect();
+        let done = self.transact(ops, what).await;
+        done.into_iter()
+            .zip(keys)
+            .map(|(op, key)| match op? {
+                Op::Applied(Some(entry)) => Ok(Some(Stored {
+                    version: entry.modify_index,
+                    claim: codec::decode_claim(BACKEND, key, &entry.bytes()),
+                })),
+                // "key \"...\" doesn't exist"
+                Op::Refused(why) if why.contains("exist") => Ok(None),
+                Op::Refused(why) => Err(Error::registry_msg(BACKEND, format!("{what}: {why}"))),
+                Op::Applied(None) | Op::Unsettled => Err(Error::unavailable(
+                    BACKEND,
+                    what,
+                    "consul gave no answer for this key",
+                )),
+            })
+            .collect()
+    }
+
+    /// `cas` operations (index 0: must be absent). Whatever was not applied
+    /// answers `false`: the algorithm reads it again and decides.
+    async fn write_batch(&self, writes: &[(&str, Option<&u64>)], value: &str) -> Vec<Result<bool>> {
+        let ops = writes
+            .iter()
+            .map(|(key, version)| {
+                let index = version.copied().unwrap_or(0);
+                serde_json::json!({"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": index}})
+            })
+            .collect();
+        let done = self.transact(ops, "write claims").await;
+        done.into_iter()
+            .map(|op| Ok(matches!(op?, Op::Applied(_))))
+            .collect()
+    }
+
+    /// `ops` in one transaction; after a rollback, again without the
+    /// operations Consul named (nothing of a rolled-back one is applied).
+    async fn transact(&self, ops: Vec<serde_json::Value>, what: &str) -> Vec<Result<Op>> {
+        let mut answers: Vec<Option<Result<Op>>> = ops.iter().map(|_| None).collect();
         for _ in 0..TXN_ROUNDS {
-            let open: Vec<usize> = (0..keys.len()).filter(|&i| answers[i].is_none()).collect();
+            let open: Vec<usize> = (0..ops.len()).filter(|&i| answers[i].is_none()).collect();
             if open.is_empty() {
                 break;
             }
-            let ops: Vec<serde_json::Value> = open
-                .iter()
-                .map(|&i| serde_json::json!({"KV": {"Verb": "get", "Key": keys[i]}}))
-                .collect();
-            match self.http.txn_ops(&ops, what).await {
-                Err(err) => fill(&mut answers, &open, err),
+            let sent: Vec<serde_json::Value> = open.iter().map(|&i| ops[i].clone()).collect();
+            match self.http.txn_ops(&sent, what).await {
+                Err(err) => {
+                    for (&i, err) in open.iter().zip(copies(err, open.len())) {
+                        answers[i] = Some(Err(err));
+                    }
+                }
                 Ok(TxnAnswer::Committed(results)) => {
                     let mut results = results.into_iter();
                     for &i in &open {
-                        answers[i] = Some(match results.next().and_then(|r| r.kv) {
-                            Some(entry) => Ok(Some(Stored {
-                                version: entry.modify_index,
-                                claim: codec::decode_claim(BACKEND, keys[i], &entry.bytes()),
-                            })),
-                            None => Err(Error::registry_msg(BACKEND, "read claims: short answer")),
-                        });
+                        answers[i] = Some(Ok(Op::Applied(results.next().and_then(|r| r.kv))));
                     }
                 }
                 Ok(TxnAnswer::RolledBack(errors)) => {
-                    let named = named_failures(&open, errors);
+                    let named: Vec<(usize, String)> = errors
+                        .into_iter()
+                        .filter_map(|e| Some((*open.get(e.op_index)?, e.what)))
+                        .collect();
                     if named.is_empty() {
-                        fill(&mut answers, &open, unexplained_rollback(what));
+                        break;
                     }
                     for (i, why) in named {
-                        answers[i] = Some(if why.contains("exist") {
-                            Ok(None)
-                        } else {
-                            Err(Error::registry_msg(BACKEND, format!("{what}: {why}")))
-                        });
+                        answers[i] = Some(Ok(Op::Refused(why)));
                     }
                 }
             }
         }
-        settle(answers, || {
-            Err(Error::unavailable(
-                BACKEND,
-                what,
-                "keys kept changing between reads",
-            ))
-        })
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Ok(Op::Unsettled)))
+            .collect()
     }
-
-    /// One transaction of `cas` operations. A rolled-back one applied
-    /// nothing: the compares Consul names as failed answer `false`, the
-    /// others are sent again.
-    async fn write_batch(&self, writes: &[(&str, Option<&u64>)], value: &str) -> Vec<Result<bool>> {
-        let what = "write claims";
-        let mut answers: Vec<Option<Result<bool>>> = writes.iter().map(|_| None).collect();
-        for _ in 0..TXN_ROUNDS {
-            let open: Vec<usize> = (0..writes.len())
-                .filter(|&i| answers[i].is_none())
-                .collect();
-            if open.is_empty() {
-                break;
-            }
-            let ops: Vec<serde_json::Value> = open
-                .iter()
-                .map(|&i| {
-                    let (key, version) = writes[i];
-                    let index = version.copied().unwrap_or(0);
-                    serde_json::json!({"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": index}})
-                })
-                .collect();
-            match self.http.txn_ops(&ops, what).await {
-                Err(err) => fill(&mut answers, &open, err),
-                Ok(TxnAnswer::Committed(_)) => {
-                    for &i in &open {
-                        answers[i] = Some(Ok(true));
-                    }
-                }
-                Ok(TxnAnswer::RolledBack(errors)) => {
-                    let named = named_failures(&open, errors);
-                    if named.is_empty() {
-                        // Not known which compare failed: the algorithm
-                        // reads every key again and decides.
-                        for &i in &open {
-                            answers[i] = Some(Ok(false));
-                        }
-                    }
-                    for (i, _) in named {
-                        answers[i] = Some(Ok(false));
-                    }
-                }
-            }
-        }
-        // Rolled back every time: nothing of it was applied.
-        settle(answers, || Ok(false))
-    }
-}
-
-/// The positions (in the whole batch) of the operations a rolled-back
-/// transaction over `open` named as failed, with why.
-fn named_failures(open: &[usize], errors: Option<Vec<TxnError>>) -> Vec<(usize, String)> {
-    errors
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|e| open.get(e.op_index).map(|&i| (i, e.what)))
-        .collect()
-}
-
-/// Answers every position of `open` with `err`.
-fn fill<T>(answers: &mut [Option<Result<T>>], open: &[usize], err: Error) {
-    for (&i, err) in open.iter().zip(copies(err, open.len())) {
-        answers[i] = Some(Err(err));
-    }
-}
-
-/// The answers, with `missing` for those never given.
-fn settle<T>(answers: Vec<Option<Result<T>>>, missing: impl Fn() -> Result<T>) -> Vec<Result<T>> {
-    answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(&missing))
-        .collect()
 }
 
 /// `n` copies of `err`, one per claim it answers, keeping what decides a
@@ -285,14 +257,6 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert!(all.iter().all(Error::is_retryable));
         assert!(copies(Error::registry_msg(BACKEND, "x"), 0).is_empty());
-        let named = named_failures(
-            &[2, 5, 7],
-            Some(vec![TxnError {
-                op_index: 1,
-                what: "stale".into(),
-            }]),
-        );
-        assert_eq!(named, [(5, "stale".to_string())]);
     }
 
     #[tokio::test]

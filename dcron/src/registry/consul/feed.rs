@@ -43,29 +43,19 @@ const MIN_POLL_SPACING: Duration = Duration::from_millis(20);
 /// returns: every change after that is reported, nothing before it is.
 pub(super) async fn start(http: &Arc<Http>, ns: &str) -> Result<WatchReceiver> {
     let layout = Layout::new("", ns)?;
-    let kinds = [Kind::Node, Kind::Task, Kind::Tombstone];
-    let [p0, p1, p2] = kinds.map(|kind| layout.prefix(kind));
-    let (f0, f1, f2) = tokio::join!(
-        http.ensure_folder(&p0),
-        http.ensure_folder(&p1),
-        http.ensure_folder(&p2),
-    );
-    for err in [f0.err(), f1.err(), f2.err()].into_iter().flatten() {
-        tracing::debug!(backend = BACKEND, err = %describe(&err), "cannot create a watched folder key; pacing polls instead");
-    }
-    let what = "watch: initial read";
-    let (b0, b1, b2) = tokio::join!(
-        http.kv_list(&p0, None, what),
-        http.kv_list(&p1, None, what),
-        http.kv_list(&p2, None, what),
-    );
-    let mut pollers = Vec::with_capacity(kinds.len());
-    for (kind, (index, entries)) in kinds.into_iter().zip([b0?, b1?, b2?]) {
+    let mut pollers = Vec::with_capacity(3);
+    for kind in [Kind::Node, Kind::Task, Kind::Tombstone] {
+        let prefix = layout.prefix(kind);
+        if let Err(err) = http.ensure_folder(&prefix).await {
+            tracing::debug!(backend = BACKEND, err = %describe(&err), "cannot create a watched folder key; pacing polls instead");
+        }
+        let what = "watch: initial read";
+        let (index, entries) = http.kv_list(&prefix, None, what).await?;
         pollers.push(Poller {
             http: http.clone(),
             kind,
             snapshot: snapshot(kind, &layout, &entries),
-            prefix: layout.prefix(kind),
+            prefix,
             layout: layout.clone(),
             index: index.unwrap_or(1).max(1),
             backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),

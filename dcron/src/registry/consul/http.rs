@@ -70,6 +70,27 @@ impl Reply {
         std::str::from_utf8(&self.body).is_ok_and(|s| s.trim() == "true")
     }
 
+    /// Itself if successful, else the error its status is.
+    pub(super) fn success(self, what: &str) -> Result<Reply> {
+        if self.status.is_success() {
+            Ok(self)
+        } else {
+            Err(self.unexpected(what))
+        }
+    }
+
+    /// The JSON answer of a read; the empty value for 404 (absent).
+    pub(super) fn json_or_absent<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        what: &str,
+    ) -> Result<T> {
+        match self.status {
+            StatusCode::NOT_FOUND => Ok(T::default()),
+            s if s.is_success() => parse_json(&self.body, what),
+            _ => Err(self.unexpected(what)),
+        }
+    }
+
     /// The error for a status `what` did not expect, classified by status.
     pub(super) fn unexpected(&self, what: &str) -> Error {
         let text = String::from_utf8_lossy(&self.body);
@@ -105,14 +126,9 @@ impl Http {
     /// Checks that the agent answers within `timeout`.
     pub(super) async fn check_agent(&self, timeout: Duration) -> Result<()> {
         let what = format!("connect to the agent at {}", self.base);
-        let reply = self
-            .send(Method::GET, "/v1/status/leader", &[], None, timeout, &what)
-            .await?;
-        if reply.status.is_success() {
-            Ok(())
-        } else {
-            Err(reply.unexpected(&what))
-        }
+        let path = "/v1/status/leader";
+        let reply = self.send(Method::GET, path, &[], None, timeout, &what);
+        reply.await?.success(&what).map(drop)
     }
 
     /// [`send`](Self::send) bounded by the request timeout.

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::base64;
 use super::http::{parse_json, Http};
 use super::BACKEND;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::registry::codec;
 
 /// One KV entry as Consul returns it.
@@ -57,8 +57,8 @@ pub(super) enum TxnAnswer {
     /// Applied; the results of its read and write operations, in order.
     Committed(Vec<TxnResult>),
     /// Rolled back: nothing was applied. The operations that failed (by
-    /// position), when Consul said.
-    RolledBack(Option<Vec<TxnError>>),
+    /// position), as far as Consul said.
+    RolledBack(Vec<TxnError>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,14 +90,8 @@ impl Http {
         let reply = self
             .call(Method::GET, &format!("/v1/kv/{key}"), &[], None, what)
             .await?;
-        match reply.status {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => {
-                let entries: Vec<KvEntry> = parse_json(&reply.body, what)?;
-                Ok(entries.into_iter().find(|e| e.key == key))
-            }
-            _ => Err(reply.unexpected(what)),
-        }
+        let entries: Vec<KvEntry> = reply.json_or_absent(what)?;
+        Ok(entries.into_iter().find(|e| e.key == key))
     }
 
     /// `GET /v1/kv/<prefix>?recurse`, blocking on `index` if given: the
@@ -124,25 +118,7 @@ impl Http {
         let reply = self
             .send(Method::GET, &path, &query, None, timeout, what)
             .await?;
-        let entries = match reply.status {
-            StatusCode::NOT_FOUND => Vec::new(),
-            s if s.is_success() => parse_json(&reply.body, what)?,
-            _ => return Err(reply.unexpected(what)),
-        };
-        Ok((reply.index, entries))
-    }
-
-    /// `GET /v1/kv/<prefix>?keys`: the keys below `prefix`.
-    pub(super) async fn kv_keys(&self, prefix: &str, what: &str) -> Result<Vec<String>> {
-        let path = format!("/v1/kv/{prefix}");
-        let reply = self
-            .call(Method::GET, &path, &[("keys", "")], None, what)
-            .await?;
-        match reply.status {
-            StatusCode::NOT_FOUND => Ok(Vec::new()),
-            s if s.is_success() => parse_json(&reply.body, what),
-            _ => Err(reply.unexpected(what)),
-        }
+        Ok((reply.index, reply.json_or_absent(what)?))
     }
 
     /// `PUT /v1/kv/<key>` with extra query flags; Consul's `true`/`false`.
@@ -157,22 +133,14 @@ impl Http {
         let reply = self
             .call(Method::PUT, &path, query, Some(value), what)
             .await?;
-        if reply.status.is_success() {
-            Ok(reply.is_true())
-        } else {
-            Err(reply.unexpected(what))
-        }
+        Ok(reply.success(what)?.is_true())
     }
 
     pub(super) async fn kv_delete(&self, key: &str, what: &str) -> Result<()> {
         let reply = self
             .call(Method::DELETE, &format!("/v1/kv/{key}"), &[], None, what)
             .await?;
-        if reply.status.is_success() {
-            Ok(())
-        } else {
-            Err(reply.unexpected(what))
-        }
+        reply.success(what).map(drop)
     }
 
     /// `PUT /v1/txn` (at most 64 operations): committed with its results,
@@ -190,7 +158,8 @@ impl Http {
             StatusCode::CONFLICT => {
                 let errors = serde_json::from_slice::<TxnBody>(&reply.body)
                     .ok()
-                    .and_then(|b| b.errors);
+                    .and_then(|b| b.errors)
+                    .unwrap_or_default();
                 Ok(TxnAnswer::RolledBack(errors))
             }
             _ => Err(reply.unexpected(what)),
@@ -212,13 +181,4 @@ impl Http {
             .await
             .map(drop)
     }
-}
-
-/// A rolled-back transaction's error list that does not name the failed
-/// operations (an answer this backend does not understand).
-pub(super) fn unexplained_rollback(what: &str) -> Error {
-    Error::registry_msg(
-        BACKEND,
-        format!("{what}: consul rolled the transaction back without saying why"),
-    )
 }

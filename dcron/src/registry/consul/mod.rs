@@ -231,13 +231,8 @@ impl Registry for ConsulRegistry {
     }
 
     async fn tombstones(&self, ns: &str) -> Result<Vec<String>> {
-        let layout = Layout::new("", ns)?;
-        let prefix = layout.prefix(Kind::Tombstone);
-        let keys = self.http.kv_keys(&prefix, "list tombstones").await?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| layout.name_of(Kind::Tombstone, k).map(str::to_string))
-            .collect())
+        let listed = self.list(ns, Kind::Tombstone, "list tombstones").await?;
+        Ok(listed.into_iter().map(|(name, _)| name).collect())
     }
 
     async fn claim(&self, ns: &str, task: &str, claim: &Claim) -> Result<bool> {

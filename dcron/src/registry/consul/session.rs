@@ -82,10 +82,7 @@ impl Http {
         let reply = self
             .call(Method::PUT, "/v1/session/create", &[], body, what)
             .await?;
-        if !reply.status.is_success() {
-            return Err(reply.unexpected(what));
-        }
-        let created: SessionCreated = parse_json(&reply.body, what)?;
+        let created: SessionCreated = parse_json(&reply.success(what)?.body, what)?;
         if !is_session_id(&created.id) {
             return Err(Error::registry_msg(
                 BACKEND,
