@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dcron::registry::{Claim, ClaimOutcome, ConsulRegistry, RawKind, Registry, WatchEvent};
-use dcron::{Dcron, NodeStatus, TaskContext, TaskMeta};
+use dcron::{Dcron, NodeStatus, RegistryErrorKind, TaskContext, TaskMeta};
 use tokio::time::Instant;
 
 use conformance::{eventually, expect_event, fresh_ns, node, Harness};
@@ -53,8 +53,10 @@ impl Consul {
         support::service_env("DCRON_CONSUL_ADDR").map(|a| Consul::at(&a, Crash::DestroySession))
     }
 
-    fn client(&self) -> ConsulRegistry {
-        ConsulRegistry::new(&self.addr).expect("consul registry")
+    async fn client(&self) -> ConsulRegistry {
+        ConsulRegistry::connect(&self.addr)
+            .await
+            .expect("consul registry")
     }
 
     /// The session holding a key, read straight from Consul.
@@ -95,7 +97,7 @@ impl Consul {
 
 impl Harness for Consul {
     async fn registry(&self) -> Arc<dyn Registry> {
-        Arc::new(self.client())
+        Arc::new(self.client().await)
     }
 
     async fn write_raw(&self, ns: &str, kind: RawKind, name: &str, raw: &[u8]) {
@@ -186,8 +188,8 @@ fn harness() -> Option<Consul> {
 async fn true_crash_session_expires_within_two_ttl() {
     let Some(h) = harness() else { return };
     let h = Consul::at(&h.addr, Crash::StopRenewing);
-    let r = h.client();
-    let observer = h.client();
+    let r = h.client().await;
+    let observer = h.client().await;
     let ns = fresh_ns("consul-true-crash");
     let ttl = h.short_ttl();
     let mut rx = observer.watch(&ns).await.expect("watch");
@@ -222,8 +224,8 @@ async fn conformance_expiry_with_a_true_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroyed_session_loses_key_and_node_reregisters() {
     let Some(h) = harness() else { return };
-    let r = h.client();
-    let observer = h.client();
+    let r = h.client().await;
+    let observer = h.client().await;
     let ns = fresh_ns("consul-destroyed");
     let ttl = h.short_ttl();
     let a = node("node-a", NodeStatus::Working);
@@ -274,7 +276,7 @@ async fn destroyed_session_loses_key_and_node_reregisters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_key_under_a_live_session_is_reported() {
     let Some(h) = harness() else { return };
-    let r = h.client();
+    let r = h.client().await;
     let ns = fresh_ns("consul-deleted-key");
     let ttl = h.short_ttl();
     let a = node("node-a", NodeStatus::Working);
@@ -294,8 +296,8 @@ async fn deleted_key_under_a_live_session_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_takes_over_from_an_older_session() {
     let Some(h) = harness() else { return };
-    let old = h.client();
-    let new = h.client();
+    let old = h.client().await;
+    let new = h.client().await;
     let ns = fresh_ns("consul-takeover");
     let ttl = h.short_ttl();
     let mut a = node("node-a", NodeStatus::Working);
@@ -315,7 +317,7 @@ async fn register_takes_over_from_an_older_session() {
     let listed = new.nodes(&ns).await.expect("nodes");
     assert_eq!(listed, vec![a.clone()]);
     // A client that did not register the node still reaches its session.
-    let third = h.client();
+    let third = h.client().await;
     assert!(third
         .heartbeat(&ns, "node-a", ttl)
         .await
@@ -333,7 +335,7 @@ async fn register_takes_over_from_an_older_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_ttls_are_raised_to_consul_minimum() {
     let Some(h) = harness() else { return };
-    let r = h.client();
+    let r = h.client().await;
     let ns = fresh_ns("consul-ttl");
     r.register(
         &ns,
@@ -358,14 +360,17 @@ async fn short_ttls_are_raised_to_consul_minimum() {
     r.unregister(&ns, "node-a").await.expect("unregister");
 }
 
-/// Batched claims racing each other (transaction batches that fail fall
-/// back to per-task CAS): exactly one winner per task and fire time, for
-/// large batches (recursive read) and small ones (point reads).
+/// Batched claims racing each other (rolled-back transactions are decided
+/// again on a fresh read): exactly one winner per task and fire time, for
+/// large batches (several transactions) and small ones (one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claim_many_one_winner() {
     let Some(h) = harness() else { return };
     let ns = fresh_ns("consul-claim-many-race");
-    let clients: Vec<ConsulRegistry> = (0..6).map(|_| h.client()).collect();
+    let mut clients: Vec<ConsulRegistry> = Vec::new();
+    for _ in 0..6 {
+        clients.push(h.client().await);
+    }
     for (size, fire_time) in [(150usize, 10_000i64), (150, 20_000), (10, 30_000)] {
         let names: Vec<String> = (0..size).map(|i| format!("task-{i:03}")).collect();
         let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
@@ -533,14 +538,14 @@ async fn claims_without_tokens_and_with_odd_ones() {
     tokenless_and_odd_watermarks(&h).await;
 }
 
-/// 300 tasks: a recursive read, then five transactions of up to 64 CAS.
+/// 300 tasks: five transactions of up to 64 reads, then of up to 64 CAS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_many_across_transactions() {
     let Some(h) = harness() else { return };
     large_batch_outcomes_in_order(&h, 300).await;
 }
 
-/// 20 tasks: point reads, then one transaction.
+/// 20 tasks: one read transaction, then one write transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_many_with_point_reads() {
     let Some(h) = harness() else { return };
@@ -555,8 +560,8 @@ async fn claim_many_with_point_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_do_not_wake_the_watch() {
     let Some(h) = harness() else { return };
-    let watcher = h.client();
-    let claimer = h.client();
+    let watcher = h.client().await;
+    let claimer = h.client().await;
     let ns = fresh_ns("consul-pacing");
     let mut rx = watcher.watch(&ns).await.expect("watch");
     claimer
@@ -605,8 +610,8 @@ async fn claims_do_not_wake_the_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_stops_when_the_receiver_is_dropped() {
     let Some(h) = harness() else { return };
-    let watcher = h.client();
-    let writer = h.client();
+    let watcher = h.client().await;
+    let writer = h.client().await;
     let ns = fresh_ns("consul-drop");
     let rx = watcher.watch(&ns).await.expect("watch");
     drop(rx);
@@ -640,18 +645,16 @@ async fn datacenter_and_token_are_sent() {
     let dc1 = ConsulRegistry::builder(&h.addr)
         .datacenter("dc1")
         .token("anonymous-is-fine-without-acls")
-        .build()
-        .expect("build");
+        .connect()
+        .await
+        .expect("connect");
     dc1.put_task(&ns, &TaskMeta::new("t", "* * * * *"), false)
         .await
         .expect("put in dc1");
     assert_eq!(dc1.tasks(&ns).await.expect("tasks").len(), 1);
-    let nowhere = ConsulRegistry::builder(&h.addr)
+    let err = ConsulRegistry::builder(&h.addr)
         .datacenter("no-such-dc")
-        .build()
-        .expect("build");
-    let err = nowhere
-        .tasks(&ns)
+        .connect()
         .await
         .expect_err("an unknown datacenter must fail");
     assert!(err.to_string().contains("consul"), "{err}");
@@ -667,26 +670,24 @@ async fn datacenter_and_token_are_sent() {
 async fn unreachable_agent_errors_in_bounded_time() {
     conformance::init_tracing();
     // Nothing listens there (outside every test's port range).
-    let r = ConsulRegistry::builder("http://127.0.0.1:31369")
+    let started = Instant::now();
+    let err = ConsulRegistry::builder("http://127.0.0.1:31369")
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(2))
-        .build()
-        .expect("build");
-    let started = Instant::now();
-    assert!(r.nodes("ns").await.is_err());
-    assert!(r
-        .register(
-            "ns",
-            &node("n", NodeStatus::Starting),
-            Duration::from_secs(10)
-        )
+        .connect()
         .await
-        .is_err());
-    assert!(r.watch("ns").await.is_err());
+        .expect_err("connecting to an unreachable agent must fail");
+    assert_eq!(
+        err.registry_kind(),
+        Some(RegistryErrorKind::Unavailable),
+        "{err}"
+    );
+    assert!(err.is_retryable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(6));
     // https without a TLS backend compiled in is an error, not a panic.
-    let tls = ConsulRegistry::new("https://127.0.0.1:31369").expect("build");
-    assert!(tls.nodes("ns").await.is_err());
+    assert!(ConsulRegistry::connect("https://127.0.0.1:31369")
+        .await
+        .is_err());
 }
 
 // ----- a restarted agent ------------------------------------------------------------
@@ -747,8 +748,9 @@ async fn agent_restart_mid_run() {
     let r = ConsulRegistry::builder(&agent.addr())
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(3))
-        .build()
-        .expect("build");
+        .connect()
+        .await
+        .expect("connect");
     let ns = fresh_ns("consul-restart");
     let ttl = Duration::from_secs(10);
     let a = node("node-a", NodeStatus::Working);
@@ -857,8 +859,9 @@ async fn consul_node(
     let registry = ConsulRegistry::builder(addr)
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(3))
-        .build()
-        .expect("build");
+        .connect()
+        .await
+        .expect("connect");
     let node = Dcron::builder(registry)
         .namespace(ns)
         .node_id(id)
@@ -1009,7 +1012,7 @@ async fn node_survives_an_agent_restart() {
 #[ignore = "benchmark: prints claims/s"]
 async fn claim_throughput() {
     let Some(h) = harness() else { return };
-    let r = h.client();
+    let r = h.client().await;
     let ns = fresh_ns("consul-bench");
     let claim = |t: i64| Claim::new(t, "bench", "bench/1", t);
     // Sequential claims of one task, each a new fire time.
@@ -1023,8 +1026,8 @@ async fn claim_throughput() {
         "consul claim (sequential): {:.0} claims/s ({n} in {secs:.2} s)",
         n as f64 / secs
     );
-    // Batched: claim_many over 500 tasks per fire time (one recursive read,
-    // then transactions of 64 CAS operations), and over 20 (point reads).
+    // Batched: claim_many over 500 tasks per fire time (transactions of 64
+    // reads, then of 64 CAS operations), and over 20 (one of each).
     for (size, rounds) in [(500usize, 8i64), (20, 100)] {
         let names: Vec<String> = (0..size).map(|i| format!("task-{size}-{i:04}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -278,7 +278,7 @@ pub mod redis;
 pub mod zookeeper;
 
 #[cfg(feature = "consul")]
-pub use self::consul::ConsulRegistry;
+pub use self::consul::{ConsulRegistry, ConsulRegistryBuilder};
 #[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdRegistry, EtcdRegistryBuilder};
 #[cfg(feature = "redis")]
