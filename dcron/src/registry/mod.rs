@@ -21,7 +21,6 @@ use crate::task::TaskMeta;
 
 pub mod codec;
 mod fault;
-#[allow(dead_code)] // adopted by the backends one by one
 pub(crate) mod kit;
 mod memory;
 pub mod url;
