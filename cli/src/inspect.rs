@@ -172,7 +172,9 @@ pub fn nodes(snap: &Snapshot, strategy: &ClusterStrategy, format: Format) -> Cli
                         n.status.to_string(),
                         n.weight.to_string(),
                         n.strategy.clone().unwrap_or_else(|| "-".into()),
-                        output::human_time(n.last_alive, now),
+                        // Only live nodes are listed; when this one joined is
+                        // what tells a restart apart.
+                        output::human_time(n.create_time, now),
                         match &owners {
                             Some(_) => owned.get(n.id.as_str()).map_or(0, Vec::len).to_string(),
                             None => "?".into(),
@@ -188,7 +190,7 @@ pub fn nodes(snap: &Snapshot, strategy: &ClusterStrategy, format: Format) -> Cli
                     "STATUS",
                     "WEIGHT",
                     "STRATEGY",
-                    "LAST ALIVE",
+                    "REGISTERED",
                     "TASKS",
                 ],
                 &rows,
@@ -269,6 +271,20 @@ pub fn tasks(
         })
         .collect();
     let now = output::now_ms();
+    // A definition whose cron does not parse (written by another program)
+    // never runs: it has no owner, whatever the strategy says.
+    let unrunnable = |row: &TaskRow| -> Option<String> {
+        let cron = row.meta?.cron_format.as_str();
+        Schedule::parse(cron, timezone).err().map(|e| e.to_string())
+    };
+    let owners = owners.map(|mut o| {
+        for row in &rows {
+            if unrunnable(row).is_some() {
+                o.remove(row.name);
+            }
+        }
+        o
+    });
     let next_fire = |row: &TaskRow| -> Option<i64> {
         if row.deleted {
             return None;
@@ -295,6 +311,7 @@ pub fn tasks(
                         // null: nobody owns it; absent strategy: owner_known false.
                         "owner": owner.clone().flatten(),
                         "owner_known": owner.is_some(),
+                        "invalid": unrunnable(row),
                         "next_fire": next,
                         "next_fire_rfc3339": next.and_then(output::rfc3339),
                         "last_run": row.claim.map(|c| json!({
@@ -323,6 +340,7 @@ pub fn tasks(
                 .iter()
                 .map(|row| {
                     let owner = match &owners {
+                        _ if unrunnable(row).is_some() => "invalid cron".to_string(),
                         None => "unknown".to_string(),
                         Some(o) => o.get(row.name).cloned().unwrap_or_else(|| "-".into()),
                     };

@@ -91,7 +91,7 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// List live nodes: id, ip, hostname, status, weight, last alive, tasks owned.
+    /// List live nodes: id, ip, hostname, status, weight, when registered, tasks owned.
     Nodes {
         /// Compute owners with this strategy instead of the one the nodes publish.
         #[arg(long, value_name = "NAME")]

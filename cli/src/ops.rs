@@ -76,11 +76,17 @@ fn read_payload(path: &PathBuf, limit: usize) -> CliResult<String> {
     };
     read.map_err(|e| CliError::invalid(format!("cannot read payload from {shown}: {e}")))?;
     if bytes.len() > limit {
-        return Err(dcron::Error::PayloadTooLarge {
-            size: bytes.len(),
-            limit,
-        }
-        .into());
+        // A file's real size is known; of stdin, only that it is larger.
+        return Err(match std::fs::metadata(path) {
+            Ok(meta) if path.as_os_str() != "-" && meta.is_file() => dcron::Error::PayloadTooLarge {
+                size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
+                limit,
+            }
+            .into(),
+            _ => CliError::invalid(format!(
+                "the payload on stdin is larger than the limit of {limit} bytes; store large data elsewhere and pass a reference"
+            )),
+        });
     }
     String::from_utf8(bytes)
         .map_err(|_| CliError::invalid(format!("payload from {shown} is not valid UTF-8")))
@@ -167,7 +173,12 @@ pub async fn reuse(
 ) -> CliResult<()> {
     let admin = admin(registry, ns)?;
     if !admin.is_deleted(name).await? {
-        eprintln!("note: task `{name}` was not marked deleted");
+        return done(
+            format,
+            "reuse",
+            name,
+            format!("task `{name}` was not marked deleted; nothing changed"),
+        );
     }
     admin.reuse_deleted(name).await?;
     done(
@@ -197,6 +208,16 @@ pub async fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_payload_file_is_reported_with_its_real_size() {
+        let path = std::env::temp_dir().join(format!("dcron-payload-{}", std::process::id()));
+        std::fs::write(&path, vec![b'x'; 70_000]).unwrap();
+        let err = read_payload(&path, 65_536).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.message.contains("70000 bytes"), "{err}");
+        assert!(err.message.contains("65536"), "{err}");
+    }
 
     fn req(name: &str, cron: &str) -> AddRequest {
         AddRequest {

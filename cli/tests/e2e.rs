@@ -777,6 +777,42 @@ fn the_shipped_example_config_runs() {
     assert_eq!(hellos.len(), unique.len(), "a hello ran twice: {all}");
 }
 
+/// A task definition with a cron that does not parse (written by another
+/// program) is listed as invalid, with no owner: it can never run.
+#[test]
+fn foreign_task_with_an_invalid_cron_has_no_owner() {
+    let Some(url) = redis_url() else { return };
+    let cluster = Cluster::new(&url, "foreign-cron");
+    let dir = Scratch::new("foreign-cron");
+    let _agent = cluster.agent(&dir, "f1", &agent_config(&dir.path("fires"), ""));
+    assert!(wait_until(Duration::from_secs(30), || cluster
+        .working()
+        .len()
+        == 1));
+    let host_port = url.trim_start_matches("redis://");
+    let (host, port) = host_port.split_once(':').expect("host:port");
+    let port = port.split('/').next().expect("port");
+    let meta = r#"{"name":"broken","cron_format":"0 99 * * *","payload":""}"#;
+    let set = std::process::Command::new("redis-cli")
+        .args(["-h", host, "-p", port, "HSET"])
+        .arg(format!("{{{}}}:tasks", cluster.ns))
+        .args(["broken", meta])
+        .output()
+        .expect("run redis-cli");
+    assert!(set.status.success(), "{set:?}");
+    let tasks = cluster.tasks();
+    let broken = &tasks["broken"];
+    assert!(broken["owner"].is_null(), "{broken}");
+    assert!(
+        broken["invalid"]
+            .as_str()
+            .is_some_and(|r| r.contains("hour field `99`")),
+        "{broken}"
+    );
+    let table = cluster.ok(&["tasks"]);
+    assert!(table.contains("invalid cron"), "{table}");
+}
+
 /// A secret planted in every place a registry credential can be given (the
 /// URL of each backend, each secret variable) never appears in what the
 /// command prints, whatever fails: a refused URL, an unreachable server.

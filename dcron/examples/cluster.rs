@@ -163,7 +163,7 @@ async fn run(pace: Pace, narrate: bool) -> dcron::Result<Check> {
     let leaving = nodes.pop().expect("three nodes");
     say(format!(
         "\nnode-3 stops gracefully, handing over {}",
-        leaving.my_running_tasks().join(", ")
+        leaving.owned_tasks().join(", ")
     ));
     leaving.stop().await?;
     let stopped = now();
@@ -178,7 +178,7 @@ async fn run(pace: Pace, narrate: bool) -> dcron::Result<Check> {
     let crashed = nodes.pop().expect("two nodes");
     say(format!(
         "\nnode-2 crashes (no goodbye) while owning {}",
-        crashed.my_running_tasks().join(", ")
+        crashed.owned_tasks().join(", ")
     ));
     crashed.kill().await;
     let crash = now();
@@ -207,7 +207,7 @@ fn now() -> i64 {
 fn owners(nodes: &[Dcron]) -> String {
     nodes
         .iter()
-        .map(|n| format!("  {}: {}", n.node_id(), n.my_running_tasks().join(", ")))
+        .map(|n| format!("  {}: {}", n.node_id(), n.owned_tasks().join(", ")))
         .collect::<Vec<_>>()
         .join("\n")
 }

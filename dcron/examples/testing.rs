@@ -85,7 +85,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5 * 60) + Duration::from_millis(500)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 5, "once per minute, not twice");
         // Crash whichever owns the task; the other takes over.
-        let (owner, other) = if a.my_running_tasks().contains(&"job".to_string()) {
+        let (owner, other) = if a.owned_tasks().contains(&"job".to_string()) {
             (a, b)
         } else {
             (b, a)

@@ -1028,7 +1028,7 @@ async fn takeover_time() {
         nodes.push(n);
     }
     cluster::settled(&nodes, &tasks).await;
-    let orphaned = nodes[1].my_running_tasks();
+    let orphaned = nodes[1].owned_tasks();
     assert!(!orphaned.is_empty());
     // Once they have run (a task that never ran has nothing to catch up).
     conformance::eventually(

@@ -64,7 +64,7 @@ async fn periodic_reload_recovers_a_dropped_event() {
     eventually(
         Duration::from_secs(5),
         "the reload to pick up the task",
-        || async { node.my_running_tasks() == vec!["late-news".to_string()] },
+        || async { node.owned_tasks() == vec!["late-news".to_string()] },
     )
     .await;
     let l = ledger.clone();

@@ -11,9 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcron::registry::{
-    Claim, ClaimOutcome, RawKind, RedisRegistry, Registry, WatchEvent, WatchReceiver,
-};
+use dcron::registry::{Claim, RawKind, RedisRegistry, Registry, WatchEvent, WatchReceiver};
 use dcron::{Dcron, Error, NodeStatus, Strategy, TaskContext, TaskMeta};
 use tokio::time::Instant;
 
@@ -97,6 +95,10 @@ impl conformance::Harness for Redis {
 
     fn short_ttl(&self) -> Duration {
         Duration::from_secs(2)
+    }
+
+    fn url_at(&self, host_port: &str) -> Option<String> {
+        Some(format!("redis://{host_port}"))
     }
 }
 
@@ -801,7 +803,7 @@ async fn ten_thousand_dynamic_tasks_reach_every_node() {
         Duration::from_secs(30),
         "ownership to partition the tasks",
         || async {
-            let owned: Vec<String> = nodes.iter().flat_map(|n| n.my_running_tasks()).collect();
+            let owned: Vec<String> = nodes.iter().flat_map(|n| n.owned_tasks()).collect();
             let distinct: BTreeSet<&String> = owned.iter().collect();
             owned.len() == N && distinct.len() == N
         },
@@ -810,7 +812,7 @@ async fn ten_thousand_dynamic_tasks_reach_every_node() {
     eprintln!(
         "{N} dynamic tasks added in {added:?}; every node knew them and owned its share after {:?} ({:?})",
         started.elapsed(),
-        nodes.iter().map(|n| n.my_running_tasks().len()).collect::<Vec<_>>()
+        nodes.iter().map(|n| n.owned_tasks().len()).collect::<Vec<_>>()
     );
     for n in &nodes {
         n.stop().await.expect("stop");
@@ -903,13 +905,12 @@ async fn crashed_node_fails_over_with_default_timing() {
         n.start().await.expect("start");
         nodes.push(n);
     }
-    let owned_by =
-        |nodes: &[Dcron]| -> usize { nodes.iter().map(|n| n.my_running_tasks().len()).sum() };
+    let owned_by = |nodes: &[Dcron]| -> usize { nodes.iter().map(|n| n.owned_tasks().len()).sum() };
     eventually(Duration::from_secs(20), "ownership to settle", || async {
-        owned_by(&nodes) == tasks.len() && nodes.iter().all(|n| !n.my_running_tasks().is_empty())
+        owned_by(&nodes) == tasks.len() && nodes.iter().all(|n| !n.owned_tasks().is_empty())
     })
     .await;
-    let orphaned = nodes[2].my_running_tasks();
+    let orphaned = nodes[2].owned_tasks();
     let observer = h.connect().await;
     let mut events = observer.watch(&ns).await.expect("watch");
     let crashed_at = now_ms();
@@ -981,205 +982,5 @@ async fn crashed_node_fails_over_with_default_timing() {
 // ---------------------------------------------------------------------------
 // Claims.
 
-/// Watermarks written by older versions (no token) are never "ours", a
-/// token of the wrong type makes a watermark corrupt (skipped, overwritten),
-/// and a claim without a token is not idempotent.
-async fn tokenless_and_odd_watermarks(h: &impl conformance::Harness) {
-    let r = h.registry().await;
-    let ns = fresh_ns("claim-tokens");
-    h.write_raw(
-        &ns,
-        RawKind::Claim,
-        "legacy",
-        br#"{"fire_time":5000,"node":"me","claimed_at":1}"#,
-    )
-    .await;
-    let stored = r.claims(&ns).await.expect("claims");
-    assert_eq!(stored.len(), 1, "a watermark without a token decodes");
-    assert!(stored[0].1.token.is_empty());
-    assert!(!r
-        .claim(&ns, "legacy", &Claim::new(5_000, "me", "me/1", 5_001))
-        .await
-        .expect("same fire time over a tokenless watermark"));
-    assert!(!r
-        .claim(&ns, "legacy", &Claim::new(5_000, "me", "", 5_001))
-        .await
-        .expect("an empty token is never ours"));
-    assert!(r
-        .claim(&ns, "legacy", &Claim::new(6_000, "me", "me/1", 6_001))
-        .await
-        .expect("newer"));
-    h.write_raw(
-        &ns,
-        RawKind::Claim,
-        "bad-token",
-        br#"{"fire_time":9000,"node":"x","claimed_at":1,"token":7}"#,
-    )
-    .await;
-    let stored = r.claims(&ns).await.expect("claims");
-    assert_eq!(
-        stored.len(),
-        1,
-        "a watermark with a non-string token is corrupt"
-    );
-    assert!(r
-        .claim(&ns, "bad-token", &Claim::new(1_000, "me", "me/1", 1_001))
-        .await
-        .expect("claim over a corrupt watermark"));
-    let tokenless = Claim::new(7_000, "me", "", 7_001);
-    assert!(r.claim(&ns, "plain", &tokenless).await.expect("claim"));
-    assert!(!r
-        .claim(&ns, "plain", &tokenless)
-        .await
-        .expect("no token, no idempotency"));
-    let stored: std::collections::BTreeMap<String, Claim> =
-        r.claims(&ns).await.expect("claims").into_iter().collect();
-    assert_eq!(
-        stored["plain"], tokenless,
-        "an empty token is stored as none"
-    );
-    r.clear(&ns).await.expect("clear");
-}
-
-/// A batch spanning several script calls / transactions: every outcome is
-/// in its task's position (fresh, already ours, someone else's).
-async fn large_batch_outcomes_in_order(h: &impl conformance::Harness, size: usize) {
-    let r = h.registry().await;
-    let other = h.registry().await;
-    let ns = fresh_ns("claim-batch-order");
-    let names: Vec<String> = (0..size).map(|i| format!("task-{i:05}")).collect();
-    let theirs: Vec<&str> = names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i.is_multiple_of(7))
-        .map(|(_, n)| n.as_str())
-        .collect();
-    let ours: Vec<&str> = names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !i.is_multiple_of(7) && i.is_multiple_of(11))
-        .map(|(_, n)| n.as_str())
-        .collect();
-    let mine = Claim::new(50_000, "me", "me/1", 50_001);
-    let rival = Claim::new(50_000, "rival", "rival/1", 50_002);
-    let pre = other.claim_many(&ns, &theirs, &rival).await;
-    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
-    let pre = r.claim_many(&ns, &ours, &mine).await;
-    assert!(pre.iter().all(ClaimOutcome::is_won), "{pre:?}");
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let got = r.claim_many(&ns, &refs, &mine).await;
-    assert_eq!(got.len(), size);
-    for (i, outcome) in got.iter().enumerate() {
-        let want_won = !i.is_multiple_of(7);
-        assert_eq!(
-            (outcome.is_won(), matches!(outcome, ClaimOutcome::Failed(_))),
-            (want_won, false),
-            "task {i}: {outcome:?}"
-        );
-    }
-    let stored = r.claims(&ns).await.expect("claims");
-    assert_eq!(stored.len(), size);
-    for (name, c) in &stored {
-        let i: usize = name["task-".len()..].parse().expect("index");
-        assert_eq!(
-            c.node,
-            if i.is_multiple_of(7) { "rival" } else { "me" },
-            "{name}"
-        );
-    }
-    r.clear(&ns).await.expect("clear");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_without_tokens_and_with_odd_ones() {
-    conformance::init_tracing();
-    let h = harness!();
-    tokenless_and_odd_watermarks(&h).await;
-}
-
-/// 2,500 tasks: three script calls of up to 1,000.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claim_many_across_script_calls() {
-    conformance::init_tracing();
-    let h = harness!();
-    large_batch_outcomes_in_order(&h, 2_500).await;
-}
-
 // ---------------------------------------------------------------------------
 // Benchmark.
-
-/// Claim throughput against the shared server: `cargo test --release
-/// --features redis --test redis -- --ignored --nocapture claim_throughput`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: prints claims/s"]
-async fn claim_throughput() {
-    let h = harness!();
-    let r = h.connect().await;
-    let ns = fresh_ns("bench");
-    const TASKS: usize = 100;
-    const ROUNDS: i64 = 50;
-    let names: Vec<String> = (0..TASKS).map(|i| format!("task-{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-
-    let started = Instant::now();
-    for round in 0..ROUNDS {
-        for name in &refs {
-            assert!(r
-                .claim(&ns, name, &claim(10 + round, "n"))
-                .await
-                .expect("claim"));
-        }
-    }
-    let sequential = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
-    for name in &refs {
-        assert!(!r.claim(&ns, name, &claim(10, "x")).await.expect("claim"));
-    }
-    let losing = TASKS as f64 / started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
-    for round in 0..ROUNDS {
-        let won = r.claim_many(&ns, &refs, &claim(1_000 + round, "n")).await;
-        assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
-    }
-    let batched = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
-
-    let big: Vec<String> = (0..5_000).map(|i| format!("big-{i}")).collect();
-    let big_refs: Vec<&str> = big.iter().map(String::as_str).collect();
-    let started = Instant::now();
-    for round in 0..5 {
-        let won = r
-            .claim_many(&ns, &big_refs, &claim(5_000 + round, "n"))
-            .await;
-        assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
-    }
-    let batched_big = (5_000 * 5) as f64 / started.elapsed().as_secs_f64();
-
-    // Concurrent single claims from one node (the multiplexed connection).
-    let started = Instant::now();
-    let mut joins = Vec::new();
-    for c in 0..16 {
-        let (r, ns, names) = (r.clone(), ns.clone(), names.clone());
-        joins.push(tokio::spawn(async move {
-            for round in 0..ROUNDS {
-                for name in names.iter().skip(c).step_by(16) {
-                    r.claim(&ns, name, &claim(100_000 + round, "n"))
-                        .await
-                        .expect("claim");
-                }
-            }
-        }));
-    }
-    for j in joins {
-        j.await.expect("claimer");
-    }
-    let concurrent = (TASKS as i64 * ROUNDS) as f64 / started.elapsed().as_secs_f64();
-
-    eprintln!(
-        "redis claims/s: sequential {sequential:.0}, losing {losing:.0}, \
-         claim_many({TASKS}) {batched:.0}, claim_many(5000) {batched_big:.0}, \
-         16 concurrent claimers {concurrent:.0}"
-    );
-    r.clear(&ns).await.expect("clear");
-}

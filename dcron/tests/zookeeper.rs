@@ -108,6 +108,10 @@ impl conformance::Harness for Zk {
         self.session
     }
 
+    fn url_at(&self, host_port: &str) -> Option<String> {
+        Some(format!("zk://{host_port}"))
+    }
+
     /// Drops the connection of the session that registered `node_id`
     /// without closing the session, as a SIGKILL would: ZooKeeper expires
     /// the session after its timeout and only then deletes the ephemeral
@@ -1139,7 +1143,7 @@ async fn node_whose_session_is_lost_comes_back() {
     cluster::settled(&nodes, &tasks).await;
     assert_eq!(working_ids(&nodes[0]).await.len(), 3);
     assert!(
-        !nodes[2].my_running_tasks().is_empty(),
+        !nodes[2].owned_tasks().is_empty(),
         "node-c owns tasks again"
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1152,74 +1156,6 @@ async fn node_whose_session_is_lost_comes_back() {
 
 // ---------------------------------------------------------------------------
 // Measurements (not timed asserts): `cargo test ... -- --ignored --nocapture`
-
-/// Claims per second against the shared server, one registry (one session):
-/// sequential `claim`, and `claim_many` batches of 1, 10 and 100 tasks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run with --ignored --nocapture"]
-async fn claim_throughput() {
-    conformance::init_tracing();
-    let Some(h) = harness() else { return };
-    let ns = conformance::fresh_ns("zk-bench");
-    let r = ZookeeperRegistry::connect(&h.connect)
-        .await
-        .expect("connect");
-    let window = Duration::from_secs(3);
-    // Sequential claims of one task, a new fire time each.
-    let start = Instant::now();
-    let mut fire = 1_000;
-    let mut count = 0u64;
-    while start.elapsed() < window {
-        fire += 1;
-        assert!(r
-            .claim(&ns, "seq", &claim(fire, "bench"))
-            .await
-            .expect("claim"));
-        count += 1;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "claim (sequential, 1 task): {:.0} claims/s ({count} in {secs:.1}s)",
-        count as f64 / secs
-    );
-    for batch in [1usize, 10, 100] {
-        let names: Vec<String> = (0..batch).map(|i| format!("b{batch}-{i}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        // First batch creates the znodes; measure the steady state.
-        assert!(r
-            .claim_many(&ns, &refs, &claim(1, "bench"))
-            .await
-            .iter()
-            .all(ClaimOutcome::is_won));
-        let start = Instant::now();
-        let mut fire = 1_000;
-        let mut count = 0u64;
-        while start.elapsed() < window {
-            fire += 1;
-            let won = r.claim_many(&ns, &refs, &claim(fire, "bench")).await;
-            assert!(won.iter().all(ClaimOutcome::is_won), "{won:?}");
-            count += batch as u64;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "claim_many (batches of {batch}): {:.0} claims/s ({count} in {secs:.1}s)",
-            count as f64 / secs
-        );
-    }
-    // Lost races cost one read: everybody else claiming an already-claimed fire.
-    let start = Instant::now();
-    let mut count = 0u64;
-    while start.elapsed() < window {
-        assert!(!r.claim(&ns, "seq", &claim(5, "late")).await.expect("claim"));
-        count += 1;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "claim (lost, already claimed): {:.0} claims/s",
-        count as f64 / secs
-    );
-    r.clear(&ns).await.expect("clear");
-}
 
 /// How long after a crash (connection dropped, session not closed) the
 /// other nodes see the node leave, with the default 10 s session timeout.
@@ -1288,7 +1224,7 @@ async fn takeover_time_nodes() {
         nodes.push(n);
     }
     cluster::settled(&nodes, &tasks).await;
-    let orphaned = nodes[1].my_running_tasks();
+    let orphaned = nodes[1].owned_tasks();
     assert!(!orphaned.is_empty());
     let crashed = Instant::now();
     nodes[1].kill().await;

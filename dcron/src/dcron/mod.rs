@@ -60,7 +60,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// })
 /// .await?;
 /// node.start().await?;
-/// assert_eq!(node.my_running_tasks(), vec!["report".to_string()]);
+/// assert_eq!(node.owned_tasks(), vec!["report".to_string()]);
 /// node.stop().await?;
 /// # Ok(())
 /// # }

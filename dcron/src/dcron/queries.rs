@@ -27,9 +27,17 @@ impl Dcron {
         names.into_iter().map(str::to_string).collect()
     }
 
-    /// The tasks this node owns now, sorted.
-    pub fn my_running_tasks(&self) -> Vec<String> {
+    /// The tasks this node owns now (it fires them), sorted.
+    pub fn owned_tasks(&self) -> Vec<String> {
         self.inner.engine.owned()
+    }
+
+    /// The tasks this node owns now: the same as
+    /// [`owned_tasks`](Self::owned_tasks), under the name it had first
+    /// (it never meant "running at this moment").
+    #[deprecated(note = "returns the tasks this node owns: use `owned_tasks`")]
+    pub fn my_running_tasks(&self) -> Vec<String> {
+        self.owned_tasks()
     }
 
     /// Fires of tasks this node owned that did not run, since the node was

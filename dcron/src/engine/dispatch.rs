@@ -53,7 +53,7 @@ impl Engine {
                 fires = won.len(),
                 fire_time = %rfc3339(fire_time),
                 late_ms = late,
-                "fires running late (the registry was slow to answer their claims)"
+                "fires running late (caught up after a takeover, or their claims were slow to be answered)"
             );
         }
         let late = late > LATE_RUN_MS;

@@ -26,8 +26,8 @@ mod memory;
 pub mod url;
 
 pub use fault::FaultRegistry;
-pub use url::{connect, redact, RegistryUrl};
 pub use memory::{MemoryRegistry, RawKind};
+pub use url::{connect, redact, RegistryUrl};
 
 /// A per-task watermark: the latest fire time claimed, by whom, and when.
 ///

@@ -247,7 +247,7 @@ pub async fn settled(nodes: &[Dcron], tasks: &[String]) {
         let mut all = BTreeSet::new();
         let mut total = 0;
         for n in nodes {
-            let owned = n.my_running_tasks();
+            let owned = n.owned_tasks();
             total += owned.len();
             all.extend(owned);
         }
@@ -279,7 +279,7 @@ pub async fn stopped_node_hands_over(h: &impl Harness) {
     let tasks = names("job", 20);
     let nodes = three_nodes(h, &ns, &tasks, EVERY_SECOND, &ledger).await;
     settled(&nodes, &tasks).await;
-    let leaving = nodes[2].my_running_tasks();
+    let leaving = nodes[2].owned_tasks();
     assert!(!leaving.is_empty(), "node-c should own some of 20 tasks");
     let from = now_ms();
     nodes[2].stop().await.expect("stop c");
@@ -321,7 +321,7 @@ pub async fn crashed_node_tasks_move_after_ttl(h: &impl Harness) {
     let tasks = names("work", 20);
     let nodes = three_nodes(h, &ns, &tasks, &cron, &ledger).await;
     settled(&nodes, &tasks).await;
-    let orphaned = nodes[2].my_running_tasks();
+    let orphaned = nodes[2].owned_tasks();
     assert!(!orphaned.is_empty());
     // Every task has run once (so it has a watermark) before the crash.
     let l = ledger.clone();
@@ -458,7 +458,7 @@ pub async fn one_shot_runs_once_in_the_cluster(h: &impl Harness) {
     eventually(
         Duration::from_secs(15),
         "every node to drop the one-shot",
-        || async { nodes.iter().all(|n| n.my_running_tasks().is_empty()) },
+        || async { nodes.iter().all(|n| n.owned_tasks().is_empty()) },
     )
     .await;
     until(ran_at + 2500).await;
@@ -494,11 +494,7 @@ pub async fn dynamic_task_runs_on_its_owner(h: &impl Harness) {
     settled(&nodes, &dynamic).await;
     let owners: BTreeMap<String, String> = nodes
         .iter()
-        .flat_map(|n| {
-            n.my_running_tasks()
-                .into_iter()
-                .map(move |t| (t, n.node_id()))
-        })
+        .flat_map(|n| n.owned_tasks().into_iter().map(move |t| (t, n.node_id())))
         .collect();
     let from = now_ms() + 1000;
     until(from + 3000).await;
@@ -567,7 +563,7 @@ pub async fn node_id_in_use_is_refused_until_freed(h: &impl Harness) {
         "refused only after {took:?}"
     );
     assert!(!second.is_running().await);
-    assert!(second.my_running_tasks().is_empty());
+    assert!(second.owned_tasks().is_empty());
 
     // The first one did not notice: same record, same tasks, still firing.
     let now = listed(&r, &ns, "node-a")
@@ -579,7 +575,7 @@ pub async fn node_id_in_use_is_refused_until_freed(h: &impl Harness) {
     );
     assert_eq!(now.hostname, held.hostname);
     assert!(first.is_running().await);
-    assert_eq!(first.my_running_tasks(), tasks);
+    assert_eq!(first.owned_tasks(), tasks);
     fired_after(&ledger, &tasks, now_ms(), Duration::from_secs(5)).await;
 
     // Once the first stops, the id is free: the second starts at once.
@@ -644,7 +640,7 @@ pub async fn unreadable_own_record_is_rewritten(h: &impl Harness) {
     until(steady + 4500).await;
     let to = now_ms() - 1000;
     assert!(n.is_running().await);
-    assert_eq!(n.my_running_tasks(), tasks);
+    assert_eq!(n.owned_tasks(), tasks);
     n.stop().await.expect("stop");
     ledger.assert_no_duplicates();
     for t in &tasks {

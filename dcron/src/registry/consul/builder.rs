@@ -10,7 +10,7 @@ use super::http::Http;
 use super::session::MIN_SESSION_TTL;
 use super::{ConsulRegistry, BACKEND};
 use crate::error::{Error, Result};
-use crate::registry::kit::options::{Options, Secret};
+use crate::registry::kit::options::{timeout_setters, Options, Secret};
 use crate::registry::Timing;
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,20 +95,9 @@ impl ConsulRegistryBuilder {
         self
     }
 
-    /// Bound on establishing a connection, and on the agent's first answer
-    /// in [`connect`](Self::connect) (default 5 s). With
-    /// [`client`](Self::client), configure that client's own connect
-    /// timeout as well.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.options.connect_timeout = timeout;
-        self
-    }
-
-    /// Bound on each ordinary request (default 10 s), and on a whole
-    /// `claim_many`.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.options.request_timeout = timeout;
-        self
+    timeout_setters! {
+        connect: "Bound on establishing a connection, and on the agent's first answer in [`connect`](Self::connect) (default 5 s). With [`client`](Self::client), configure that client's own connect timeout as well.",
+        request: "Bound on each ordinary request (default 10 s), and on a whole `claim_many`.",
     }
 
     /// Timing suggested to nodes (default: 10 s TTL, 3 s heartbeat, 10 s

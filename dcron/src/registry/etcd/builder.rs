@@ -11,7 +11,7 @@ use etcd_client::{Client, ConnectOptions};
 use super::cluster::Member;
 use super::{EtcdRegistry, Shared};
 use crate::error::{Error, Result};
-use crate::registry::kit::options::{Options, Secret};
+use crate::registry::kit::options::{timeout_setters, Options, Secret};
 use crate::registry::Timing;
 
 /// Default bound on establishing a connection to an endpoint.
@@ -108,22 +108,9 @@ impl EtcdRegistryBuilder {
         self
     }
 
-    /// Bound on establishing the connection to a member, authentication
-    /// included (default 3 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.options.connect_timeout = timeout;
-        self
-    }
-
-    /// Bound on each request, its retries included (default 5 s). An
-    /// attempt that fails with a transport error, "no leader" or the
-    /// [attempt timeout](Self::attempt_timeout) is tried again on the next
-    /// member, with a short capped backoff, until this bound. Large
-    /// requests (a page of a range read) get this bound for each of a few
-    /// attempts instead.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.options.request_timeout = timeout;
-        self
+    timeout_setters! {
+        connect: "Bound on establishing the connection to a member, authentication included (default 3 s).",
+        request: "Bound on each request, its retries included (default 5 s). An attempt that fails with a transport error, \"no leader\" or the [attempt timeout](Self::attempt_timeout) is tried again on the next member, with a short capped backoff, until this bound. Large requests (a page of a range read) get this bound for each of a few attempts instead.",
     }
 
     /// Bound on one attempt of a small request: a claim, a lease call, a

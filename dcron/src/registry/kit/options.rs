@@ -26,6 +26,26 @@ impl Default for Options {
     }
 }
 
+/// The `connect_timeout` and `request_timeout` setters every backend's
+/// builder has, on its `options: Options` field; each backend documents
+/// its own defaults.
+macro_rules! timeout_setters {
+    (connect: $connect:expr, request: $request:expr $(,)?) => {
+        #[doc = $connect]
+        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.options.connect_timeout = timeout;
+            self
+        }
+
+        #[doc = $request]
+        pub fn request_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.options.request_timeout = timeout;
+            self
+        }
+    };
+}
+pub(crate) use timeout_setters;
+
 /// A password or token: usable by the backend, printed as `***` by
 /// `Debug` and `Display`, so a builder or registry can be logged whole.
 #[derive(Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use redis::{Client, ProtocolVersion};
 use super::conn::{registry_error, Req};
 use super::{Inner, RedisRegistry, BACKEND, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRIES};
 use crate::error::{Error, Result};
-use crate::registry::kit::options::{Options, Secret};
+use crate::registry::kit::options::{timeout_setters, Options, Secret};
 use crate::registry::Timing;
 
 /// Bounds of the connection manager's own reconnect backoff.
@@ -55,16 +55,9 @@ impl RedisRegistryBuilder {
         }
     }
 
-    /// Bound on establishing one connection (default 2 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.options.connect_timeout = timeout;
-        self
-    }
-
-    /// Bound on each call, and on the answer to each command (default 5 s).
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.options.request_timeout = timeout;
-        self
+    timeout_setters! {
+        connect: "Bound on establishing one connection (default 2 s).",
+        request: "Bound on each call, and on the answer to each command (default 5 s).",
     }
 
     /// Timing defaults the registry reports to nodes (default: node TTL

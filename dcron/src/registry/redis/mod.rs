@@ -84,7 +84,7 @@
 //!   fetches the value (`HGET` / `GET`, pipelined per batch of messages).
 //!   Pub/sub is lossy across disconnects: when the connection drops (or
 //!   stops answering its ping), the feed resubscribes with capped backoff
-//!   and sends [`WatchEvent::Resync`]; the node's periodic reload covers
+//!   and sends [`WatchEvent::Resync`](crate::registry::WatchEvent::Resync); the node's periodic reload covers
 //!   the rest. A receiver that lags gets one Resync instead of the events
 //!   it could not take, and the feed skips fetching their values meanwhile.
 //!   Claims are never published.

@@ -13,7 +13,7 @@ use super::{
     ZookeeperRegistry, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SESSION_TIMEOUT,
 };
 use crate::error::{Error, Result};
-use crate::registry::kit::options::{Options, Secret};
+use crate::registry::kit::options::{timeout_setters, Options, Secret};
 use crate::registry::Timing;
 
 /// Creator-all plus world-read: only the authenticated identity that
@@ -86,18 +86,9 @@ impl ZookeeperRegistryBuilder {
         self
     }
 
-    /// Bound on opening a session, at start and after a session ends
-    /// (default 10 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.options.connect_timeout = timeout;
-        self
-    }
-
-    /// Bound on each registry call (default 10 s); claims settle within
-    /// 4/5 of it.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.options.request_timeout = timeout;
-        self
+    timeout_setters! {
+        connect: "Bound on opening a session, at start and after a session ends (default 10 s).",
+        request: "Bound on each registry call (default 10 s); claims settle within 4/5 of it.",
     }
 
     /// Timing suggested to nodes, instead of the one derived from the

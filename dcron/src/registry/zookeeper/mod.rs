@@ -13,8 +13,8 @@
 //! | claim watermark | `/ns/claims/<name>` | persistent, compare-and-set by version |
 //!
 //! Namespaces, node ids and task names are one path segment each: a bad
-//! task name fails with [`Error::InvalidTaskName`](crate::Error::InvalidTaskName),
-//! a bad namespace or node id with [`Error::InvalidConfig`](crate::Error::InvalidConfig).
+//! task name fails with [`Error::InvalidTaskName`],
+//! a bad namespace or node id with [`Error::InvalidConfig`].
 //!
 //! One registry is one ZooKeeper session (`session`). The session's own
 //! keep-alive is the node's liveness: `heartbeat` only checks that the
