@@ -108,10 +108,12 @@ impl Dcron {
         unregistered
     }
 
-    /// Simulates a crash (tests): stops firing and every background loop
-    /// at once, without publishing `leaving` and without unregistering, so
-    /// the registration is left to expire. Runs in flight are not awaited.
-    #[doc(hidden)]
+    /// Simulates a crash, for tests of code that uses dcron: stops firing
+    /// and every background loop at once, without publishing `leaving` and
+    /// without unregistering, so the registration is left to expire (after
+    /// the node TTL) and the other nodes take over then, as after
+    /// `kill -9`. Runs in flight are not awaited. `dcron/examples/testing.rs`
+    /// in the repository shows it in a test.
     pub async fn kill(&self) {
         if let Some(running) = self.inner.lifecycle.lock().await.take() {
             self.inner.engine.stop();

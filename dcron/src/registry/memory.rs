@@ -20,7 +20,8 @@ use crate::task::TaskMeta;
 
 const BACKEND: &str = "memory";
 
-/// Which stored collection a raw write targets (fault injection).
+/// For tests: which collection [`MemoryRegistry::write_raw`] writes raw bytes
+/// to, to see how nodes treat foreign or corrupt data in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawKind {
     /// Node records.

@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::node::Node;
 use crate::task::TaskMeta;
 
-pub mod codec;
+pub(crate) mod codec;
 mod fault;
 pub(crate) mod kit;
 mod memory;
@@ -173,7 +173,7 @@ pub type WatchReceiver = mpsc::Receiver<WatchEvent>;
 /// [`validate_task_name`](crate::task::validate_task_name)), so they are
 /// always one key segment. Values found in the registry that do not decode
 /// are logged (`tracing::warn!`) and skipped, never returned as errors and
-/// never a panic (see [`codec`]).
+/// never a panic.
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Short backend name for logs and errors (`memory`, `redis`, ...).
