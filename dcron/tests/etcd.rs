@@ -6,6 +6,8 @@ mod cluster;
 mod conformance;
 mod support;
 
+use support::stall::{claim_loop, Victim};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -546,117 +548,6 @@ async fn leader_killed_claims_keep_one_winner() {
         |e| *e == WatchEvent::TaskPut(meta.clone()),
     )
     .await;
-}
-
-/// Answers of one claim loop: when each fully answered claim came back.
-struct LoopAnswers {
-    label: String,
-    answered: Vec<Instant>,
-    failures: usize,
-}
-
-impl LoopAnswers {
-    /// The stall across a fault at `at`: the longest gap between two
-    /// answers that ends after `at` and begins before `at + 1 s`. The loop
-    /// keeps one call in flight, so the calls that meet the fault are the
-    /// one in flight at `at` (maybe answered just after it) and the ones
-    /// sent while the cluster has not noticed the fault yet; a gap that
-    /// begins later began after the loop was answered again.
-    fn stall_across(&self, at: Instant) -> Duration {
-        let mut worst = Duration::ZERO;
-        let mut last = None;
-        for &t in &self.answered {
-            if let Some(prev) = last {
-                if t > at && prev <= at + Duration::from_secs(1) {
-                    worst = worst.max(t - prev);
-                }
-            }
-            last = Some(t);
-        }
-        if self.answered.last().is_none_or(|t| *t <= at) {
-            return Duration::MAX;
-        }
-        worst
-    }
-
-    /// The longest gap between two answers after `at` (the fault's
-    /// aftermath, and whatever else slowed the machine meanwhile).
-    fn worst_gap_after(&self, at: Instant) -> Duration {
-        self.answered
-            .windows(2)
-            .filter(|w| w[1] > at)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or(Duration::MAX)
-    }
-}
-
-/// A claim loop as a node runs it: every 100 ms the next fire time of its
-/// tasks is claimed (with `claim`, or with `claim_many` for four tasks),
-/// one call in flight at a time; a claim that fails is claimed again (same
-/// fire time, same token) at the next tick. Only this loop claims its
-/// tasks, so every answer must be won: a claim answered lost after a fault
-/// would be our own applied write answered lost.
-async fn claim_loop(
-    r: Arc<dyn Registry>,
-    ns: String,
-    label: String,
-    batch: bool,
-    stop: Instant,
-) -> LoopAnswers {
-    let token = format!("{label}/1");
-    let tasks: Vec<String> = if batch {
-        (0..4).map(|t| format!("{label}-{t}")).collect()
-    } else {
-        vec![label.clone()]
-    };
-    let names: Vec<&str> = tasks.iter().map(String::as_str).collect();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut fire_time = 1_000_i64;
-    let mut answers = LoopAnswers {
-        label: label.clone(),
-        answered: Vec::new(),
-        failures: 0,
-    };
-    while Instant::now() < stop {
-        tick.tick().await;
-        let c = Claim::new(fire_time, &label, &token, cluster::now_ms());
-        let won = if batch {
-            let outcomes = r.claim_many(&ns, &names, &c).await;
-            assert_eq!(outcomes.len(), names.len());
-            assert!(
-                !outcomes.iter().any(|o| matches!(o, ClaimOutcome::Lost)),
-                "{label}: own claim of {fire_time} answered lost: {outcomes:?}"
-            );
-            outcomes.iter().all(ClaimOutcome::is_won)
-        } else {
-            match r.claim(&ns, names[0], &c).await {
-                Ok(won) => {
-                    assert!(won, "{label}: own claim of {fire_time} answered lost");
-                    true
-                }
-                Err(err) => {
-                    tracing::debug!(%label, %err, "claim failed");
-                    false
-                }
-            }
-        };
-        if won {
-            answers.answered.push(Instant::now());
-            fire_time += 100;
-        } else {
-            answers.failures += 1;
-        }
-    }
-    answers
-}
-
-/// Which member a fault kills.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Victim {
-    Leader,
-    Follower,
 }
 
 /// Four claim loops (two with `claim`, two with `claim_many`), each on its

@@ -6,6 +6,8 @@
 //! case a missing server is a failure.
 #![allow(dead_code)]
 
+pub mod stall;
+
 use std::path::PathBuf;
 use std::process::Command;
 
